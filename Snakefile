@@ -1,0 +1,23 @@
+# neuronmap: which neurons of a language model carry a relation, and what switching them off does.
+
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/prepare.smk"
+include: "rules/extract.smk"
+include: "rules/stats.smk"
+include: "rules/ablate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

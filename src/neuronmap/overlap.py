@@ -1,0 +1,28 @@
+"""Units shared between relations' selected sets, per k."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from . import schemas
+
+
+def unit_overlap(selected: pl.DataFrame, top_k: Sequence[int]) -> pl.DataFrame:
+    """Every ordered pair of relations (diagonal included, so it reads as a full matrix)."""
+    relations = sorted(selected["relation"].unique().to_list())
+    rows = []
+    for k in sorted(top_k):
+        sets = {r: set(selected.filter((pl.col("relation") == r) & (pl.col("rank") <= k))
+                       .select("site", "layer", "unit").iter_rows())
+                for r in relations}
+        for a in relations:
+            for b in relations:
+                shared = len(sets[a] & sets[b])
+                union = len(sets[a] | sets[b])
+                rows.append({"k": k, "relation_a": a, "relation_b": b, "shared": shared,
+                             "jaccard": shared / union if union else 0.0})
+    return pl.DataFrame(rows, schema={"k": pl.Int64, "relation_a": pl.String, "relation_b": pl.String,
+                                      "shared": pl.Int64, "jaccard": pl.Float64}) \
+        .select(schemas.OVERLAP.names)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from neuronmap.expertise import average_precision
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("levels", [None, 3, 12])
+def test_matches_sklearn_with_ties(seed, levels):
+    rng = np.random.default_rng(seed)
+    n, units = int(rng.integers(5, 200)), 37
+    scores = rng.normal(size=(n, units)).astype(np.float32)
+    if levels is not None:  # coarse values make many ties, the case where naive AP differs
+        scores = np.round(scores * levels / 4) / levels
+    labels = rng.random(n) < rng.uniform(0.1, 0.6)
+    labels[0] = True
+    ours = average_precision(torch.from_numpy(scores), torch.from_numpy(labels)).numpy()
+    reference = np.array([average_precision_score(labels, scores[:, u]) for u in range(units)])
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12)
+
+
+def test_constant_scores_and_perfect_separation():
+    labels = np.array([True, False, True, False, False])
+    scores = np.stack([np.zeros(5), labels.astype(float), -labels.astype(float)], axis=1).astype(np.float32)
+    ours = average_precision(torch.from_numpy(scores), torch.from_numpy(labels)).numpy()
+    assert ours[0] == pytest.approx(average_precision_score(labels, scores[:, 0]))  # all tied: prevalence
+    assert ours[1] == pytest.approx(1.0)
+    assert ours[2] == pytest.approx(average_precision_score(labels, scores[:, 2]))
+
+
+def test_float16_responses_as_stored():
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(300, 50)).astype(np.float16).astype(np.float32)
+    labels = rng.random(300) < 0.2
+    ours = average_precision(torch.from_numpy(scores), torch.from_numpy(labels)).numpy()
+    reference = [average_precision_score(labels, scores[:, u]) for u in range(50)]
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+
+
+def test_no_positive_is_an_error():
+    with pytest.raises(ValueError):
+        average_precision(torch.zeros(4, 2), torch.zeros(4, dtype=torch.bool))

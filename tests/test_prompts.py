@@ -1,0 +1,93 @@
+import json
+
+import polars as pl
+import pytest
+
+from neuronmap.errors import NeuronmapError
+from neuronmap.prompts import PromptSettings, build_prompts
+from neuronmap.relations import find_relation_file, load_relation
+
+from conftest import RELATIONS
+
+SOME = ["country_capital_city", "landmark_in_country", "person_occupation", "verb_past_tense"]
+
+
+def load(name):
+    return load_relation(find_relation_file(RELATIONS, name), name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_subject_in_both_splits(seed):
+    prompts = build_prompts([load(n) for n in SOME],
+                            PromptSettings(few_shot=3, test_facts=50, seed=seed, shards=3))
+    for relation, group in prompts.group_by("relation"):
+        identification = set(group.filter(pl.col("split") == "identification")["subject"])
+        test = set(group.filter(pl.col("split") == "test")["subject"])
+        assert identification and test
+        assert not identification & test, relation
+
+
+def test_deterministic_and_independent_of_other_relations():
+    settings = PromptSettings(few_shot=3, test_facts=20, seed=5, shards=2)
+    alone = build_prompts([load("verb_past_tense")], settings)
+    together = build_prompts([load("country_capital_city"), load("verb_past_tense")], settings)
+    assert alone.equals(build_prompts([load("verb_past_tense")], settings))
+    assert alone.equals(together.filter(pl.col("relation") == "verb_past_tense"))
+
+
+def test_demonstrations_come_from_identification_never_the_asked_fact():
+    relation = load("country_capital_city")
+    prompts = build_prompts([relation], PromptSettings(few_shot=3, test_facts=8, seed=0))
+    identification_subjects = set(prompts.filter(pl.col("split") == "identification")["subject"])
+    template = relation.templates[0]
+    for row in prompts.iter_rows(named=True):
+        lines = row["text"].split("\n")
+        assert len(lines) == 4 and lines[-1] == template.format(row["subject"])
+        demo_subjects = {s for s in identification_subjects for line in lines[:-1]
+                         if line.startswith(template.format(s) + " ")}
+        assert len(demo_subjects) == 3 and row["subject"] not in demo_subjects
+
+
+def test_shards_cover_identification_prompts_only():
+    prompts = build_prompts([load("landmark_in_country")], PromptSettings(shards=4, max_facts=100))
+    assert prompts.filter(pl.col("split") == "test")["shard"].null_count() == \
+        prompts.filter(pl.col("split") == "test").height
+    sizes = prompts.filter(pl.col("split") == "identification").group_by("shard").len()["len"]
+    assert sizes.len() == 4 and sizes.max() - sizes.min() <= 1
+
+
+def test_duplicates_collapse_and_escapes_are_fixed():
+    capitals = load("country_capital_city")
+    assert any(obj == "Brasília" for fact in capitals.facts for obj in fact.objects)
+    occupations = load("person_occupation")
+    subjects = [fact.subject for fact in occupations.facts]
+    assert len(subjects) == len(set(subjects))
+
+
+def write(tmp_path, payload, name="bad"):
+    path = tmp_path / f"{name}.json"
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+GOOD = {"name": "x", "prompt_templates": ["{} is in"], "samples": [{"subject": "a", "object": "b"}]}
+
+
+@pytest.mark.parametrize("payload, message", [
+    ("{not json", "not valid JSON"),
+    ({**GOOD, "prompt_templates": ["no placeholder"]}, "prompt_templates[0]"),
+    ({**GOOD, "samples": []}, "no facts"),
+    ({**GOOD, "samples": [{"subject": "a"}]}, "samples[0]"),
+    ({"samples": []}, "prompt_templates"),
+])
+def test_malformed_relation_file_names_the_file(tmp_path, payload, message):
+    path = write(tmp_path, payload)
+    with pytest.raises(NeuronmapError) as error:
+        load_relation(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_too_few_facts_for_the_split(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(NeuronmapError, match="too few"):
+        build_prompts([load_relation(path)], PromptSettings(few_shot=3))

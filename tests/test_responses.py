@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from neuronmap.errors import NeuronmapError
+from neuronmap.parquet_io import read_table
+from neuronmap.responses import ResponseReader, ResponseWriter
+
+
+def write_shard(path, ids, rng, dtype="float16"):
+    writer = ResponseWriter(path, dtype)
+    values = {}
+    for start in range(0, len(ids), 3):  # several batches, as extraction writes them
+        batch = ids[start:start + 3]
+        pooled = {"gate": rng.normal(size=(2, len(batch), 6)), "down": rng.normal(size=(2, len(batch), 4))}
+        writer.write_batch(batch, [5] * len(batch), pooled)
+        for site, array in pooled.items():
+            for layer in range(2):
+                for i, pid in enumerate(batch):
+                    values[(site, layer, pid)] = array[layer, i]
+    writer.close()
+    return values
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-3), ("float32", 1e-7)])
+def test_blocks_read_back_in_requested_order(tmp_path, dtype, tolerance):
+    rng = np.random.default_rng(0)
+    expected = {}
+    expected.update(write_shard(tmp_path / "a.parquet", [f"a{i}" for i in range(7)], rng, dtype))
+    expected.update(write_shard(tmp_path / "b.parquet", [f"b{i}" for i in range(4)], rng, dtype))
+    reader = ResponseReader([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert reader.blocks() == [("down", 0), ("down", 1), ("gate", 0), ("gate", 1)]
+    wanted = ["b3", "a0", "a6", "b0"]
+    block = reader.read_block("gate", 1, wanted)
+    assert block.shape == (4, 6) and block.dtype == np.float32
+    for row, pid in enumerate(wanted):
+        np.testing.assert_allclose(block[row], expected[("gate", 1, pid)], rtol=tolerance, atol=tolerance)
+
+
+def test_missing_prompt_is_an_error(tmp_path):
+    write_shard(tmp_path / "a.parquet", ["a0", "a1"], np.random.default_rng(1))
+    with pytest.raises(NeuronmapError, match="found 1 of 2"):
+        ResponseReader([tmp_path / "a.parquet"]).read_block("gate", 0, ["a0", "zz"])
+
+
+def test_truncated_parquet_names_the_file(tmp_path):
+    path = tmp_path / "a.parquet"
+    write_shard(path, ["a0", "a1"], np.random.default_rng(1))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(NeuronmapError, match=str(path)):
+        ResponseReader([path])
+    with pytest.raises(NeuronmapError, match="corrupt or truncated"):
+        read_table(path)
