@@ -10,6 +10,13 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    relation="[A-Za-z0-9_.-]+",
+    shard=r"\d+",
+
+
 include: "rules/prepare.smk"
 include: "rules/extract.smk"
 include: "rules/stats.smk"
@@ -18,6 +25,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

@@ -3,7 +3,6 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 RUN = f"results/{config['run']}"
@@ -11,13 +10,9 @@ RELATIONS = config["relations"]["names"]
 SHARDS = list(range(config["shards"]))
 PACKAGE = Path(workflow.basedir) / "src" / "neuronmap"
 
-wildcard_constraints:
-    relation="[A-Za-z0-9_.-]+",
-    shard=r"\d+",
-
 
 def package_files(*modules):
-    """The package modules a rule runs, as inputs: editing one reruns exactly its stages."""
+    """Package modules as inputs, so that editing one reruns exactly the stages that import it."""
     shared = ("__init__", "cli", "errors", "parquet_io", "schemas")
     return sorted(str(PACKAGE / f"{name}.py") for name in set(modules) | set(shared))
 

@@ -3,10 +3,25 @@ rule extract:
         prompts=f"{RUN}/prompts.parquet",
         model=f"{RUN}/model",
         code=package_files(
-            "extract", "hooks", "architectures", "batching", "responses", "model_loading"
+            "extract",
+            "hooks",
+            "architectures",
+            "batching",
+            "responses",
+            "model_loading",
         ),
     output:
         f"{RUN}/responses/{{relation}}/shard-{{shard}}.parquet",
+    log:
+        f"{RUN}/logs/extract/{{relation}}-{{shard}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/extract/{{relation}}-{{shard}}.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
     params:
         sites=config["sites"],
         pooling=config["pooling"],
@@ -15,16 +30,6 @@ rule extract:
         device=config["device"],
         dtype=config["dtype"],
         trust=trust_flag(),
-    log:
-        f"{RUN}/logs/extract/{{relation}}-{{shard}}.log",
-    benchmark:
-        f"{RUN}/benchmarks/extract/{{relation}}-{{shard}}.tsv"
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=4000,
-    conda:
-        "../envs/neuronmap.yaml"
     shell:
         "neuronmap extract --model-dir {input.model} --prompts {input.prompts} "
         "--relation {wildcards.relation} --shard {wildcards.shard} --sites {params.sites} "

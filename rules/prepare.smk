@@ -3,17 +3,17 @@ rule prepare_model:
         code=package_files("model_loading", "architectures"),
     output:
         directory(f"{RUN}/model"),
-    params:
-        model=config["model"],
-        trust=trust_flag(),
     log:
         f"{RUN}/logs/prepare_model.log",
     benchmark:
         f"{RUN}/benchmarks/prepare_model.tsv"
-    resources:
-        mem_mb=4000,
     conda:
         "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        model=config["model"],
+        trust=trust_flag(),
     shell:
         "neuronmap prepare-model --model {params.model:q} {params.trust} --out {output} 2> {log}"
 
@@ -24,6 +24,14 @@ rule prepare_prompts:
         code=package_files("prompts", "relations"),
     output:
         f"{RUN}/prompts.parquet",
+    log:
+        f"{RUN}/logs/prepare_prompts.log",
+    benchmark:
+        f"{RUN}/benchmarks/prepare_prompts.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=1000,
     params:
         relations_dir=config["relations"]["dir"],
         relations=RELATIONS,
@@ -32,14 +40,6 @@ rule prepare_prompts:
         few_shot=config["few_shot"],
         split=config["split"],
         shards=config["shards"],
-    log:
-        f"{RUN}/logs/prepare_prompts.log",
-    benchmark:
-        f"{RUN}/benchmarks/prepare_prompts.tsv"
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/neuronmap.yaml"
     shell:
         "neuronmap prepare --relations-dir {params.relations_dir:q} --relations {params.relations} "
         "--templates {params.templates} --few-shot {params.few_shot} --max-facts {params.max_facts} "

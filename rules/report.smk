@@ -9,15 +9,17 @@ rule report:
         code=package_files("report"),
     output:
         report(f"{RUN}/report.html", category="Report"),
-    params:
-        config_json=json.dumps(config, sort_keys=True),
     log:
         f"{RUN}/logs/report.log",
     benchmark:
         f"{RUN}/benchmarks/report.tsv"
-    resources:
-        mem_mb=2000,
     conda:
         "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        config_json=json.dumps(config, sort_keys=True),
     shell:
-        "neuronmap report --run-dir {RUN} --config-json {params.config_json:q} --out {output} 2> {log}"
+        "neuronmap report --prompts {input.prompts} --model-dir {input.model} --baseline {input.baseline} "
+        "--ablation {input.ablation} --units {input.units} --overlap {input.overlap} "
+        "--config-json {params.config_json:q} --out {output} 2> {log}"

@@ -7,19 +7,19 @@ rule stats:
         expertise=f"{RUN}/expertise/{{relation}}.parquet",
         prompts=f"{RUN}/expertise/{{relation}}.prompts.parquet",
         units=f"{RUN}/units/{{relation}}.parquet",
-    params:
-        negatives_per_positive=config["negatives_per_positive"],
-        seed=config["split"]["seed"],
-        top_k=config["top_k"],
     log:
         f"{RUN}/logs/stats/{{relation}}.log",
     benchmark:
         f"{RUN}/benchmarks/stats/{{relation}}.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
     threads: 1
     resources:
         mem_mb=4000,
-    conda:
-        "../envs/neuronmap.yaml"
+    params:
+        negatives_per_positive=config["negatives_per_positive"],
+        seed=config["split"]["seed"],
+        top_k=config["top_k"],
     shell:
         "neuronmap stats --prompts {input.prompts} --responses {input.responses} "
         "--relation {wildcards.relation} --negatives-per-positive {params.negatives_per_positive} "
@@ -33,15 +33,15 @@ rule overlap:
         code=package_files("overlap"),
     output:
         f"{RUN}/overlap.parquet",
-    params:
-        top_k=config["top_k"],
     log:
         f"{RUN}/logs/overlap.log",
     benchmark:
         f"{RUN}/benchmarks/overlap.tsv"
-    resources:
-        mem_mb=1000,
     conda:
         "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=1000,
+    params:
+        top_k=config["top_k"],
     shell:
         "neuronmap overlap --units {input.units} --top-k {params.top_k} --out {output} 2> {log}"

@@ -147,8 +147,10 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
-    build_report(Path(args.run_dir), json.loads(args.config_json), args.out)
+    from .report import ReportInputs, build_report
+    build_report(ReportInputs(Path(args.prompts), Path(args.model_dir), Path(args.baseline),
+                              [Path(p) for p in args.ablation], [Path(p) for p in args.units], Path(args.overlap)),
+                 json.loads(args.config_json), args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="the self-contained HTML report")
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--ablation", nargs="+", required=True)
+    p.add_argument("--units", nargs="+", required=True)
+    p.add_argument("--overlap", required=True)
     p.add_argument("--config-json", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)

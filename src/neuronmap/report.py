@@ -10,6 +10,7 @@ import datetime as dt
 import html
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import altair as alt
@@ -17,6 +18,7 @@ import polars as pl
 import vl_convert
 
 from . import __version__
+from .model_loading import read_manifest
 from .parquet_io import read_table, write_text
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,14 @@ def overlap_chart(overlap: pl.DataFrame, k: int) -> alt.LayerChart:
     return (heat + text).properties(title=f"shared units among the top {k} (color: Jaccard)", width=320, height=320)
 
 
+def expertise_summary(units: pl.DataFrame, top_k: list[int]) -> pl.DataFrame:
+    """AP at each cutoff; many units at AP = 1 mean the ranking among them is a tie-break."""
+    return units.group_by("relation").agg(
+        *(pl.col("ap").filter(pl.col("rank") == k).first().alias(f"AP at rank {k}") for k in top_k),
+        pl.col("ap").filter(pl.col("ap") >= 1.0).len().alias(f"units with AP = 1 (of top {top_k[-1]})"),
+    ).sort("relation")
+
+
 def stage_times(run_dir: Path) -> pl.DataFrame:
     rows = []
     for path in sorted((run_dir / "benchmarks").rglob("*.tsv")):
@@ -110,14 +120,28 @@ def stage_times(run_dir: Path) -> pl.DataFrame:
         jobs=pl.len(), seconds=pl.col("seconds").sum())
 
 
-def build_report(run_dir: Path, config: dict, out: str | Path) -> None:
-    relations = config["relations"]["names"]
-    prompts = read_table(run_dir / "prompts.parquet")
-    manifest = json.loads((run_dir / "model" / "neuronmap-model.json").read_text())
-    baseline_predictions = read_table(run_dir / "evaluation" / "baseline.parquet")
-    ablation = pl.concat([read_table(run_dir / "ablation" / f"{r}.parquet") for r in relations])
-    units = pl.concat([read_table(run_dir / "units" / f"{r}.parquet") for r in relations])
-    overlap = read_table(run_dir / "overlap.parquet")
+@dataclass(frozen=True)
+class ReportInputs:
+    prompts: Path
+    model_dir: Path
+    baseline: Path
+    ablation: list[Path]
+    units: list[Path]
+    overlap: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.prompts.parent
+
+
+def build_report(inputs: ReportInputs, config: dict, out: str | Path) -> None:
+    prompts = read_table(inputs.prompts)
+    manifest = read_manifest(inputs.model_dir)
+    baseline_predictions = read_table(inputs.baseline)
+    ablation = pl.concat([read_table(path) for path in inputs.ablation])
+    units = pl.concat([read_table(path) for path in inputs.units])
+    overlap = read_table(inputs.overlap)
+    run_dir = inputs.run_dir
     top_k = sorted(config["top_k"])
 
     baseline = baseline_predictions.group_by("eval_relation").agg(
@@ -146,6 +170,11 @@ def build_report(run_dir: Path, config: dict, out: str | Path) -> None:
         "<p class=note>(baseline − ablated) / baseline accuracy on the evaluated relation; negative values "
         "mean recall rose (interference).</p>",
         *(f"<div class=figure>{svg(drop_matrix_chart(ablation, k))}</div>" for k in top_k),
+        "<h2>Expertise</h2>",
+        "<p class=note>Average Precision of the selected units. When more units reach AP = 1 than are "
+        "selected, the selection among them is a seeded random tie-break: more identification prompts "
+        "(or fewer demonstrations) make the ranking sharper.</p>",
+        _table(expertise_summary(units, top_k)),
         "<h2>Where the selected units are</h2>",
         f"<div class=figure>{svg(placement_chart(units, top_k[-1]))}</div>",
         "<h2>Units shared between relations</h2>",

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+
+from neuronmap.errors import NeuronmapError
+from neuronmap.model_loading import MANIFEST, load_model, pick_dtype, prepare_model
+
+
+def test_gguf_is_converted_once_into_safetensors(smollm2_dir):
+    manifest = json.loads((smollm2_dir / MANIFEST).read_text())
+    assert manifest["kind"] == "gguf" and manifest["weights"] == "." and manifest["model_type"] == "llama"
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert not list(smollm2_dir.glob("*.bin"))  # never pickles
+
+
+def test_local_hugging_face_directory_is_referenced_not_copied(smollm2_dir, tmp_path):
+    manifest = prepare_model(str(smollm2_dir), tmp_path / "model")
+    assert manifest["kind"] == "hf" and manifest["weights"] == str(smollm2_dir.resolve())
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+    model, tokenizer = load_model(tmp_path / "model", device="cpu", dtype="float32")
+    assert model.config.num_hidden_layers == 30 and tokenizer.pad_token_id is not None
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(NeuronmapError, match="unsupported architecture 'gpt2'"):
+        prepare_model(str(tmp_path / "gpt2"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/nonexistent/model", "neither a local directory"),
+    ("missing.gguf", "GGUF file missing.gguf not found"),
+    ("nobody/not-a-cached-model", "not in the local Hugging Face cache"),
+    ("builtin:gpt-9", "unknown builtin model"),
+])
+def test_missing_model_is_a_clear_error(tmp_path, spec, message):
+    with pytest.raises(NeuronmapError, match=message):
+        prepare_model(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_dtype_is_float32_on_cpu():
+    assert pick_dtype("auto", torch.device("cpu")) is torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
