@@ -5,7 +5,7 @@ rule baseline:
         code=package_files(
             "ablation",
             "evaluation",
-            "hooks",
+            "deactivation",
             "architectures",
             "batching",
             "model_loading",
@@ -46,7 +46,7 @@ rule ablate:
         code=package_files(
             "ablation",
             "evaluation",
-            "hooks",
+            "deactivation",
             "architectures",
             "batching",
             "model_loading",

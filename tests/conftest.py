@@ -34,3 +34,38 @@ def smollm2_dir(tmp_path_factory):
 def smollm2(smollm2_dir):
     from neuronmap.model_loading import load_model
     return load_model(smollm2_dir, device="cpu", dtype="float32")
+
+
+def run_snakemake(config_path, *args, timeout=1800, profile="profiles/local"):
+    """Run the real workflow from the repository, with the venv's tools on PATH."""
+    import subprocess
+    import sys
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(["snakemake", "--configfile", str(config_path), "--cores", "2",
+                           "--workflow-profile", profile, *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def e2e_config(tmp_path_factory):
+    """tests/data/tiny.yaml under the run name NEURONMAP_E2E_RUN (default e2e), so that
+    concurrent test sessions can use distinct results/ folders."""
+    import yaml
+    config = yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text())
+    config["run"] = os.environ.get("NEURONMAP_E2E_RUN", "e2e")
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def e2e_run(e2e_config):
+    """The end-to-end run of the real workflow on the embedded model, done once per session."""
+    import shutil
+    import yaml
+    run_dir = REPO / "results" / yaml.safe_load(e2e_config.read_text())["run"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result = run_snakemake(e2e_config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir

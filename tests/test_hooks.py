@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from neuronmap.architectures import MlpSites
 from neuronmap.batching import encode
-from neuronmap.hooks import PooledResponses, deactivated
+from neuronmap.deactivation import deactivated
+from neuronmap.hooks import PooledResponses
 
 TEXTS = ["The capital city of France is", "Paris", "The past tense of run is ran and the past tense of go is"]
 

@@ -1,11 +1,5 @@
 """The real workflow on the real embedded model, tiny config, to the report; then nothing to redo."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -16,27 +10,14 @@ from sklearn.metrics import average_precision_score
 from neuronmap import schemas
 from neuronmap.responses import ResponseReader
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
-CONFIG = REPO / "tests" / "data" / "tiny.yaml"
-RUN = REPO / "results" / "e2e"
 RELATIONS = ["country_capital_city", "verb_past_tense"]
 
 
-def snakemake(*args, timeout=1500):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["snakemake", "--configfile", str(CONFIG), "--cores", "2",
-                           "--workflow-profile", "profiles/local", *args],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run():
-    shutil.rmtree(RUN, ignore_errors=True)
-    result = snakemake()
-    assert result.returncode == 0, result.stderr[-5000:]
-    return RUN
+def run(e2e_run):
+    return e2e_run
 
 
 def test_report_is_written_and_self_contained(run):
@@ -47,8 +28,8 @@ def test_report_is_written_and_self_contained(run):
     assert "<script" not in page and "<link" not in page and 'src="http' not in page
 
 
-def test_second_dry_run_has_nothing_to_do(run):
-    result = snakemake("-n")
+def test_second_dry_run_has_nothing_to_do(run, e2e_config):
+    result = run_snakemake(e2e_config, "-n")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
 

@@ -14,7 +14,7 @@ import polars as pl
 from . import schemas
 from .architectures import MlpSites
 from .evaluation import EvaluationSettings, generate, is_correct
-from .hooks import deactivated
+from .deactivation import deactivated
 from .prompts import relation_rng
 
 log = logging.getLogger(__name__)
