@@ -15,6 +15,7 @@ include: "rules/common.smk"
 wildcard_constraints:
     relation="[A-Za-z0-9_.-]+",
     shard=r"\d+",
+    block=r"\d+",
 
 
 include: "rules/prepare.smk"

@@ -65,7 +65,9 @@ def e2e_run(e2e_config):
     import shutil
     import yaml
     run_dir = REPO / "results" / yaml.safe_load(e2e_config.read_text())["run"]
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # NEURONMAP_E2E_KEEP=1 (while iterating on tests): keep the run, rerun only what changed.
+    if os.environ.get("NEURONMAP_E2E_KEEP") != "1":
+        shutil.rmtree(run_dir, ignore_errors=True)
     result = run_snakemake(e2e_config)
     assert result.returncode == 0, result.stderr[-5000:]
     return run_dir

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from neuronmap.architectures import MlpSites
 from neuronmap.batching import encode
 from neuronmap.deactivation import deactivated
-from neuronmap.hooks import PooledResponses
+from neuronmap.hooks import SiteRecorder, TokenMask, pooled_responses
 
 TEXTS = ["The capital city of France is", "Paris", "The past tense of run is ran and the past tense of go is"]
 
@@ -49,14 +49,9 @@ def reference(model, tokenizer, text, pooling):
 @pytest.mark.parametrize("pooling", ["mean", "max", "last"])
 def test_pooled_response_matches_manual_computation(smollm2, pooling):
     model, tokenizer = smollm2
-    sites = MlpSites(model)
-    reader = PooledResponses(sites, ["gate", "up", "act", "down"], pooling)
     batch = encode(tokenizer, TEXTS, torch.device("cpu"), padding_side="right")
     assert batch["attention_mask"].sum(1).unique().numel() == len(TEXTS)  # padding really happens
-    with reader.installed(), torch.inference_mode():
-        reader.start_batch(batch["attention_mask"])
-        model(**batch, use_cache=False)
-        pooled = reader.to_host()
+    pooled = pooled_responses(model, MlpSites(model), ["gate", "up", "act", "down"], pooling, batch)
     for i, text in enumerate(TEXTS):
         expected = reference(model, tokenizer, text, pooling)
         for (site, layer), value in expected.items():
@@ -67,13 +62,14 @@ def test_pooled_response_matches_manual_computation(smollm2, pooling):
 def test_hooks_leave_logits_unchanged_and_are_removed(smollm2):
     model, tokenizer = smollm2
     batch = encode(tokenizer, TEXTS, torch.device("cpu"), padding_side="right")
+    recorder = SiteRecorder(MlpSites(model), ["gate", "up", "act", "down"], ("mean", "max", "last"), top_n=3)
     with torch.inference_mode():
         plain = model(**batch).logits
-        reader = PooledResponses(MlpSites(model), ["gate", "up", "act", "down"], "mean")
-        with reader.installed():
-            reader.start_batch(batch["attention_mask"])
+        with recorder.installed():
+            recorder.start_batch(TokenMask.from_attention_mask(batch["attention_mask"]))
             hooked = model(**batch).logits
     assert torch.equal(plain, hooked)
+    assert len(recorder.observations) == 4 * 30
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 

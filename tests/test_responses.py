@@ -7,16 +7,17 @@ from neuronmap.responses import ResponseReader, ResponseWriter
 
 
 def write_shard(path, ids, rng, dtype="float16"):
-    writer = ResponseWriter(path, dtype)
+    writer = ResponseWriter(path, {"gate": 6, "down": 4}, 2, ["mean", "max"], dtype)
     values = {}
     for start in range(0, len(ids), 3):  # several batches, as extraction writes them
         batch = ids[start:start + 3]
-        pooled = {"gate": rng.normal(size=(2, len(batch), 6)), "down": rng.normal(size=(2, len(batch), 4))}
+        pooled = {(pooling, site): rng.normal(size=(2, len(batch), width))
+                  for pooling in ("mean", "max") for site, width in (("gate", 6), ("down", 4))}
         writer.write_batch(batch, [5] * len(batch), pooled)
-        for site, array in pooled.items():
+        for (pooling, site), array in pooled.items():
             for layer in range(2):
                 for i, pid in enumerate(batch):
-                    values[(site, layer, pid)] = array[layer, i]
+                    values[(pooling, site, layer, pid)] = array[layer, i]
     writer.close()
     return values
 
@@ -28,18 +29,27 @@ def test_blocks_read_back_in_requested_order(tmp_path, dtype, tolerance):
     expected.update(write_shard(tmp_path / "a.parquet", [f"a{i}" for i in range(7)], rng, dtype))
     expected.update(write_shard(tmp_path / "b.parquet", [f"b{i}" for i in range(4)], rng, dtype))
     reader = ResponseReader([tmp_path / "a.parquet", tmp_path / "b.parquet"])
-    assert reader.blocks() == [("down", 0), ("down", 1), ("gate", 0), ("gate", 1)]
+    assert reader.blocks("max") == [("down", 0), ("down", 1), ("gate", 0), ("gate", 1)]
     wanted = ["b3", "a0", "a6", "b0"]
-    block = reader.read_block("gate", 1, wanted)
+    block = reader.read_block("max", "gate", 1, wanted)
     assert block.shape == (4, 6) and block.dtype == np.float32
     for row, pid in enumerate(wanted):
-        np.testing.assert_allclose(block[row], expected[("gate", 1, pid)], rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(block[row], expected[("max", "gate", 1, pid)], rtol=tolerance, atol=tolerance)
+
+
+def test_a_layer_is_read_from_its_own_column_only(tmp_path):
+    import pyarrow.parquet as pq
+    write_shard(tmp_path / "a.parquet", [f"a{i}" for i in range(7)], np.random.default_rng(0))
+    metadata = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    names = [metadata.row_group(0).column(c).path_in_schema for c in range(metadata.num_columns)]
+    assert any(name.startswith("mean/gate/001") for name in names)  # one column chunk per block
+    assert metadata.num_row_groups == 3  # one per batch
 
 
 def test_missing_prompt_is_an_error(tmp_path):
     write_shard(tmp_path / "a.parquet", ["a0", "a1"], np.random.default_rng(1))
     with pytest.raises(NeuronmapError, match="found 1 of 2"):
-        ResponseReader([tmp_path / "a.parquet"]).read_block("gate", 0, ["a0", "zz"])
+        ResponseReader([tmp_path / "a.parquet"]).read_block("mean", "gate", 0, ["a0", "zz"])
 
 
 def test_truncated_parquet_names_the_file(tmp_path):

@@ -13,6 +13,8 @@ from neuronmap.responses import ResponseReader
 from conftest import REPO, run_snakemake
 
 RELATIONS = ["country_capital_city", "verb_past_tense"]
+RESPONSES = schemas.responses(pa.float16(), {"gate": 1536, "up": 1536, "act": 1536, "down": 576}, 30,
+                              ["mean", "max", "last"])
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,13 @@ def run(e2e_run):
 
 
 def test_report_is_written_and_self_contained(run):
+    # Static checks only; tests/test_report_browser.py opens it in Chromium.
     page = (run / "report.html").read_text()
-    for heading in ("Factual recall", "Relative drop", "Where the selected units are", "Units shared"):
+    for heading in ("Recall per relation", "Ablated × evaluated", "Units shared", "Where the selected units sit",
+                    "Neuron atlas"):
         assert heading in page
-    assert page.count("<svg") >= 4
-    assert "<script" not in page and "<link" not in page and 'src="http' not in page
+    assert "<script src" not in page and "<link" not in page and "@import" not in page
+    assert len(list((run / "figures").glob("*.svg"))) >= 5
 
 
 def test_second_dry_run_has_nothing_to_do(run, e2e_config):
@@ -38,7 +42,9 @@ def expected_files(run):
     yield run / "prompts.parquet", schemas.PROMPTS
     for relation in RELATIONS:
         for shard in (0, 1):
-            yield run / "responses" / relation / f"shard-{shard}.parquet", schemas.responses(pa.float16())
+            yield run / "responses" / relation / f"shard-{shard}.parquet", RESPONSES
+            yield run / "responses" / relation / f"shard-{shard}.stats.parquet", schemas.NEURON_STATS_PARTIAL
+            yield run / "responses" / relation / f"shard-{shard}.top.parquet", schemas.TOP_ACTIVATIONS_PARTIAL
         yield run / "expertise" / f"{relation}.parquet", schemas.EXPERTISE
         yield run / "expertise" / f"{relation}.prompts.parquet", schemas.EXPERTISE_PROMPTS
         yield run / "units" / f"{relation}.parquet", schemas.SELECTED_UNITS
@@ -46,6 +52,11 @@ def expected_files(run):
         yield run / "ablation" / f"{relation}.predictions.parquet", schemas.PREDICTIONS
     yield run / "evaluation" / "baseline.parquet", schemas.PREDICTIONS
     yield run / "overlap.parquet", schemas.OVERLAP
+    yield from analysis_files(run)
+    yield run / "neuron_stats.parquet", schemas.NEURON_STATS
+    yield run / "top_activations.parquet", schemas.TOP_ACTIVATIONS
+    for block in (0, 1):
+        yield run / "expertise" / "blocks" / f"block-{block}.parquet", schemas.EXPERTISE_BLOCK
 
 
 def test_every_output_matches_its_documented_schema(run):
@@ -53,7 +64,8 @@ def test_every_output_matches_its_documented_schema(run):
     for path, schema in expected_files(run):
         assert pq.read_schema(path).remove_metadata().equals(schema), path
         for column in schema.names:
-            assert f"`{column}`" in documented, (path.name, column)
+            if "/" not in column:  # responses' block columns are documented by their pattern
+                assert f"`{column}`" in documented, (path.name, column)
 
 
 def test_expertise_is_auditable_against_sklearn(run):
@@ -64,16 +76,16 @@ def test_expertise_is_auditable_against_sklearn(run):
     assert expertise["rank"].to_list() == list(range(1, expertise.height + 1))
     assert chosen.filter(~pl.col("label")).height == 4 * chosen.filter(pl.col("label")).height
     assert (chosen.filter(pl.col("label"))["relation"] == relation).all()
-    reader = ResponseReader(sorted((run / "responses").rglob("*.parquet")))
+    reader = ResponseReader(sorted((run / "responses").rglob("shard-?.parquet")))
     sample = pl.concat([expertise.head(5), expertise.sample(20, seed=1)])
     for site, layer, unit, ap in sample.select("site", "layer", "unit", "ap").iter_rows():
-        values = reader.read_block(site, layer, chosen["prompt_id"].to_list())[:, unit]
-        assert ap == pytest.approx(average_precision_score(chosen["label"].to_numpy(), values), abs=1e-9)
+        values = reader.read_block("mean", site, layer, chosen["prompt_id"].to_list())[:, unit]
+        assert ap == pytest.approx(average_precision_score(chosen["label"].to_numpy(), values), abs=1e-7)
 
 
 def test_ablation_covers_every_configuration(run):
     summary = pl.read_parquet(run / "ablation" / "verb_past_tense.parquet")
-    assert summary.height == 2 * 2 * len(RELATIONS)  # k in [20, 200] x (top_k, random seed 1) x relations
+    assert summary.height == 2 * 3 * len(RELATIONS)  # k in [20, 200] x (top_k, random seeds 1, 2) x relations
     baseline = pl.read_parquet(run / "evaluation" / "baseline.parquet")
     assert baseline.height == summary.filter((pl.col("k") == 20) & (pl.col("control") == "top_k"))["n"].sum()
     assert 0.3 < baseline["correct"].mean() <= 1.0  # the embedded model does know these relations
@@ -82,3 +94,91 @@ def test_ablation_covers_every_configuration(run):
     assert units.height == 200 and top["k"].unique().sort().to_list() == [20, 200]
     drop = top.with_columns(expected=(pl.col("baseline_accuracy") - pl.col("accuracy")) / pl.col("baseline_accuracy"))
     np.testing.assert_allclose(drop["relative_drop"].to_numpy(), drop["expected"].to_numpy())
+
+
+# --- Analyses (issue 4): sweep, paired significance, languages, perplexity, shared units, decoding,
+# sparsity ---
+
+def analysis_files(run):
+    for relation in RELATIONS:
+        yield run / "ablation" / f"{relation}.languages.parquet", schemas.LANGUAGE_PREDICTIONS
+        yield run / "ablation" / f"{relation}.perplexity.parquet", schemas.PERPLEXITY
+    yield run / "prompts.languages.parquet", schemas.LANGUAGE_PROMPTS
+    yield run / "evaluation" / "baseline.languages.parquet", schemas.LANGUAGE_PREDICTIONS
+    yield run / "significance.parquet", schemas.SIGNIFICANCE
+    yield run / "sweep.parquet", schemas.SWEEP
+    yield run / "languages.parquet", schemas.LANGUAGE_ABLATION
+    yield run / "perplexity.parquet", schemas.PERPLEXITY
+    yield run / "shared_units.parquet", schemas.SHARED_UNITS
+    yield run / "decoded.parquet", schemas.DECODED
+    yield run / "sparsity.parquet", schemas.SPARSITY
+    yield run / "dead_units.parquet", schemas.DEAD_UNITS
+
+
+def test_significance_pairs_every_configuration_with_the_baseline(run):
+    significance = pl.read_parquet(run / "significance.parquet")
+    summaries = pl.concat([pl.read_parquet(run / "ablation" / f"{r}.parquet") for r in RELATIONS])
+    key = ["ablated_relation", "k", "control", "seed", "eval_relation"]
+    joined = summaries.join(significance, on=key, how="full", nulls_equal=True, suffix="_paired")
+    assert joined.height == summaries.height == significance.height
+    np.testing.assert_allclose(joined["accuracy"], joined["accuracy_paired"])
+    # lost and gained are the prompts that flipped: recount them from the predictions.
+    baseline = pl.read_parquet(run / "evaluation" / "baseline.parquet").select("prompt_id", base="correct")
+    predictions = pl.read_parquet(run / "ablation" / "verb_past_tense.predictions.parquet").join(baseline,
+                                                                                                 on="prompt_id")
+    flips = predictions.group_by(key).agg(lost=(pl.col("base") & ~pl.col("correct")).sum(),
+                                          gained=(~pl.col("base") & pl.col("correct")).sum())
+    mine = significance.filter(pl.col("ablated_relation") == "verb_past_tense").join(flips, on=key, nulls_equal=True)
+    assert mine.height == 2 * 3 * len(RELATIONS)
+    assert (mine["lost"] == mine["lost_right"]).all() and (mine["gained"] == mine["gained_right"]).all()
+    assert ((mine["ci_low"] <= mine["difference"]) & (mine["difference"] <= mine["ci_high"])).all()
+    sweep = pl.read_parquet(run / "sweep.parquet")
+    assert sweep.height == len(RELATIONS) ** 2 * 2 and (sweep["random_seeds"] == 2).all()
+
+
+def test_languages_and_perplexity(run):
+    translated = pl.read_parquet(run / "evaluation" / "baseline.languages.parquet")
+    assert set(translated["language"]) == {"fr"} and set(translated["eval_relation"]) == {"country_capital_city"}
+    assert translated.height == 12  # half of the 24 translated facts
+    languages = pl.read_parquet(run / "languages.parquet")
+    assert languages.height == len(RELATIONS) * 2 * 3  # ablated relations x k x (top_k + 2 random)
+    perplexity = pl.read_parquet(run / "perplexity.parquet")
+    assert perplexity.filter(pl.col("control") == "none").height == 1
+    assert perplexity.height == 1 + len(RELATIONS) * 2 * 3
+    assert (perplexity["perplexity"] > 1).all() and (perplexity["tokens"] > 250).all()
+    np.testing.assert_allclose(perplexity["ratio"], perplexity["perplexity"] / perplexity["baseline_perplexity"])
+
+
+def test_shared_units_agree_with_overlap_counts(run):
+    shared = pl.read_parquet(run / "shared_units.parquet")
+    overlap = pl.read_parquet(run / "overlap.parquet").filter(pl.col("relation_a") < pl.col("relation_b"))
+    counts = shared.group_by("k", "relation_a", "relation_b").len()
+    joined = overlap.join(counts, on=["k", "relation_a", "relation_b"], how="left").with_columns(
+        pl.col("len").fill_null(0))
+    assert (joined["shared"] == joined["len"]).all()
+
+
+def test_decoded_tokens_match_the_model(run):
+    import torch
+    from neuronmap.model_loading import load_model
+    decoded = pl.read_parquet(run / "decoded.parquet")
+    assert decoded.height == 30 * 1536 and set(decoded["site"]) == {"up"} and decoded["norm_gain"].all()
+    model, tokenizer = load_model(run / "model", device="cpu", dtype="float32")
+    for row in decoded.sample(5, seed=0).iter_rows(named=True):
+        vector = model.model.layers[row["layer"]].mlp.up_proj.weight[row["unit"]] * model.model.norm.weight
+        with torch.no_grad():
+            top = torch.topk(model.lm_head.weight @ vector, 10)
+        assert row["token_ids"] == top.indices.tolist()
+        assert row["tokens"] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+
+
+def test_sparsity_summarizes_neuron_stats(run):
+    stats = pl.read_parquet(run / "neuron_stats.parquet")
+    layers = pl.read_parquet(run / "sparsity.parquet")
+    assert layers.height == 4 * 30 and layers["units"].sum() == stats.height
+    gate = stats.filter((pl.col("site") == "gate") & (pl.col("layer") == 3))
+    row = layers.filter((pl.col("site") == "gate") & (pl.col("layer") == 3)).row(0, named=True)
+    assert row["firing_rate_mean"] == pytest.approx(gate["frac_positive"].mean())
+    assert row["dead"] == (gate["frac_positive"] == 0).sum()
+    dead = pl.read_parquet(run / "dead_units.parquet")
+    assert dead.height == stats.filter((pl.col("frac_positive") == 0) | (pl.col("frac_active") == 0)).height

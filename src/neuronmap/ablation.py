@@ -1,11 +1,16 @@
 """The ablate stage: deactivate a relation's top-k units (or random controls) and measure
-factual recall on the test prompts of every relation."""
+factual recall on the test prompts of every relation, and perplexity of a neutral text.
+
+Every configuration of a relation's sweep (each k, top-k and random controls of several seeds)
+is evaluated in one batched sweep (evaluation.generate_sweep): no model reload, and forward
+batches that hold several configurations at once.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,13 +18,15 @@ import polars as pl
 
 from . import schemas
 from .architectures import MlpSites
-from .evaluation import EvaluationSettings, generate, is_correct
-from .deactivation import deactivated
+from .deactivation import Deactivation, deactivated
+from .errors import NeuronmapError
+from .evaluation import EvaluationSettings, generate, generate_sweep, is_correct
 from .prompts import relation_rng
 
 log = logging.getLogger(__name__)
 
 UnitSet = dict[tuple[str, int], list[int]]
+DEACTIVATION_VALUES = ("zero", "mean", "clamp")
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,27 @@ class Ablation:
     control: str  # "none" (baseline), "top_k" or "random"
     seed: int | None
     units: UnitSet
+
+    def describe(self) -> str:
+        if self.control == "none":
+            return "baseline"
+        seed = f" seed={self.seed}" if self.seed is not None else ""
+        return f"{self.ablated_relation} {self.control} k={self.k}{seed}"
+
+
+BASELINE = Ablation(None, 0, "none", None, {})
+
+
+@dataclass(frozen=True)
+class DeactivationValue:
+    """What a deactivated unit is set to: zero, its mean response on the relation's negatives
+    (off_mean of the expertise table), or one clamp value for every unit."""
+    mode: str = "zero"
+    clamp_value: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in DEACTIVATION_VALUES:
+            raise NeuronmapError(f"ablation.value: unknown {self.mode!r} (choose from {', '.join(DEACTIVATION_VALUES)})")
 
 
 def top_units(selected: pl.DataFrame, k: int) -> UnitSet:
@@ -60,31 +88,80 @@ def ablations_for(relation: str, selected: pl.DataFrame, top_k: Sequence[int], s
     return plan
 
 
-def evaluate(model, tokenizer, test_prompts: pl.DataFrame, ablation: Ablation,
-             settings: EvaluationSettings) -> pl.DataFrame:
-    """Per-prompt predictions under one ablation (the empty one is the baseline)."""
-    sites = MlpSites(model)
-    desc = "baseline" if ablation.control == "none" else \
-        f"{ablation.ablated_relation} {ablation.control} k={ablation.k}" + \
-        (f" seed={ablation.seed}" if ablation.seed is not None else "")
-    with deactivated(sites, ablation.units):
-        generated = generate(model, tokenizer, test_prompts["text"].to_list(), settings, desc=desc)
+def off_means(expertise: pl.DataFrame, widths: Mapping[str, int]) -> dict[tuple[str, int], np.ndarray]:
+    """Each unit's mean response on the relation's negatives, as dense per-(site, layer) arrays
+    (NaN where the expertise table has no row)."""
+    values: dict[tuple[str, int], np.ndarray] = {}
+    for (site, layer), block in expertise.select("site", "layer", "unit", "off_mean").group_by(
+            "site", "layer", maintain_order=True):
+        dense = np.full(widths[site], np.nan, dtype=np.float32)
+        dense[block["unit"].to_numpy()] = block["off_mean"].to_numpy()
+        values[(site, layer)] = dense
+    return values
+
+
+def deactivation_for(ablation: Ablation, value: DeactivationValue,
+                     negative_means: Mapping[tuple[str, int], np.ndarray] | None = None) -> Deactivation:
+    if value.mode == "zero":
+        return Deactivation.constant(ablation.units, 0.0)
+    if value.mode == "clamp":
+        return Deactivation.constant(ablation.units, value.clamp_value)
+    if negative_means is None:
+        raise NeuronmapError("ablation.value: mean needs the relation's expertise table (off_mean per unit)")
+    missing = [point for point in ablation.units if point not in negative_means]
+    if missing:
+        raise NeuronmapError(f"ablation.value: mean, but the expertise table has no off_mean for {missing[:3]}")
+    config = Deactivation.per_unit(ablation.units, negative_means)
+    if any(np.isnan(v).any() for v in config.values.values()):
+        raise NeuronmapError("ablation.value: mean, but some deactivated units have no off_mean in the expertise table")
+    return config
+
+
+def prediction_frame(ablation: Ablation, prompts: pl.DataFrame, generated: Sequence[str],
+                     settings: EvaluationSettings) -> pl.DataFrame:
+    """Per-prompt predictions under one ablation; prompts may carry a `language` column."""
     correct = [is_correct(g, objs, settings.match, settings.case_sensitive)
-               for g, objs in zip(generated, test_prompts["objects"].to_list())]
-    n = test_prompts.height
+               for g, objs in zip(generated, prompts["objects"].to_list())]
+    n = prompts.height
     frame = pl.DataFrame({
         "ablated_relation": [ablation.ablated_relation] * n,
         "k": [ablation.k] * n,
         "control": [ablation.control] * n,
         "seed": [ablation.seed] * n,
-        "prompt_id": test_prompts["prompt_id"],
-        "eval_relation": test_prompts["relation"],
-        "generated": generated,
+        "prompt_id": prompts["prompt_id"],
+        "eval_relation": prompts["relation"],
+        "generated": list(generated),
         "correct": correct,
     }, schema={"ablated_relation": pl.String, "k": pl.Int64, "control": pl.String, "seed": pl.Int64,
                "prompt_id": pl.String, "eval_relation": pl.String, "generated": pl.String, "correct": pl.Boolean})
-    log.info("%s: accuracy %.3f over %d prompts", desc, frame["correct"].mean(), n)
+    if "language" in prompts.columns:
+        frame = frame.with_columns(language=prompts["language"])
     return frame
+
+
+def evaluate(model, tokenizer, test_prompts: pl.DataFrame, ablation: Ablation,
+             settings: EvaluationSettings, value: float = 0.0) -> pl.DataFrame:
+    """Per-prompt predictions under one ablation, one configuration at a time (the unbatched
+    reference that bench/ablate.py compares the sweep with)."""
+    with deactivated(MlpSites(model), ablation.units, value):
+        generated = generate(model, tokenizer, test_prompts["text"].to_list(), settings, desc=ablation.describe())
+    frame = prediction_frame(ablation, test_prompts, generated, settings)
+    log.info("%s: accuracy %.3f over %d prompts", ablation.describe(), frame["correct"].mean(), frame.height)
+    return frame
+
+
+def evaluate_sweep(model, tokenizer, prompts: pl.DataFrame, ablations: Sequence[Ablation],
+                   configs: Sequence[Deactivation], settings: EvaluationSettings,
+                   configs_per_batch: int) -> pl.DataFrame:
+    """Per-prompt predictions under every ablation, evaluated together (see generate_sweep)."""
+    if len(ablations) != len(configs):
+        raise ValueError("evaluate_sweep: one deactivation configuration per ablation")
+    generated = generate_sweep(model, tokenizer, prompts["text"].to_list(), configs, settings, configs_per_batch,
+                               desc=f"sweep of {len(configs)} configurations")
+    frames = [prediction_frame(a, prompts, g, settings) for a, g in zip(ablations, generated)]
+    for ablation, frame in zip(ablations, frames):
+        log.info("%s: accuracy %.3f over %d prompts", ablation.describe(), frame["correct"].mean(), frame.height)
+    return pl.concat(frames)
 
 
 def summarize(predictions: pl.DataFrame, baseline: pl.DataFrame) -> pl.DataFrame:

@@ -1,10 +1,9 @@
 """The one place that knows how an architecture exposes its MLP.
 
-A unit is (site, layer, unit) everywhere. Sites of a gated MLP,
-down(act_fn(gate(x)) * up(x)):
-  gate = output of the gate projection (before the activation function)
-  up   = output of the up projection
-  act  = act_fn(gate) * up, the input of the down projection
+A unit is (site, layer, unit) everywhere. Sites of an MLP down(act(...)):
+  gate = output of the gate projection, before the activation function (gated MLPs only)
+  up   = output of the up (first) projection, before the activation function
+  act  = the input of the down projection: act_fn(gate) * up, or act_fn(up) without a gate
   down = output of the down projection (a residual-stream dimension)
 """
 
@@ -21,19 +20,25 @@ SITES = ("gate", "up", "act", "down")
 
 @dataclass(frozen=True)
 class MlpAdapter:
-    layers: str = "model.layers"
-    mlp: str = "mlp"
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
+    layers: str                 # path from the model to the list of decoder layers
+    mlp: str                    # path from a layer to the module holding the projections ("" = the layer)
+    up: str
+    down: str
+    gate: str | None = None     # None for a plain (ungated) MLP
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return SITES if self.gate else ("up", "act", "down")
 
 
-GATED_MLP = MlpAdapter()
+GATED = MlpAdapter(layers="model.layers", mlp="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
 ADAPTERS: dict[str, MlpAdapter] = {
-    model_type: GATED_MLP
-    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                       "olmo", "olmo2", "granite", "smollm3")
+    **{model_type: GATED for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                            "gemma3_text", "olmo", "olmo2", "granite", "smollm3")},
+    "gpt2": MlpAdapter(layers="transformer.h", mlp="mlp", up="c_fc", down="c_proj"),
+    "gpt_neox": MlpAdapter(layers="gpt_neox.layers", mlp="mlp", up="dense_h_to_4h", down="dense_4h_to_h"),
+    "opt": MlpAdapter(layers="model.decoder.layers", mlp="", up="fc1", down="fc2"),
 }
 
 
@@ -47,14 +52,23 @@ def adapter_for(model_type: str) -> MlpAdapter:
 
 
 def _get(obj, dotted: str):
-    for part in dotted.split("."):
+    for part in filter(None, dotted.split(".")):
         obj = getattr(obj, part)
     return obj
 
 
+def _features(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear or of GPT-2's transposed Conv1D."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if hasattr(module, "nf") and hasattr(module, "nx"):  # transformers.pytorch_utils.Conv1D
+        return module.nx, module.nf
+    raise NeuronmapError(f"model: cannot read the width of {module.__class__.__name__}")
+
+
 @dataclass(frozen=True)
 class SitePoint:
-    """Where a site is read or written: the output of `module`, or (for act) its input."""
+    """Where a site is read or written: the output of `module`, or (act) its input."""
     module: torch.nn.Module
     is_input: bool
     width: int
@@ -71,18 +85,29 @@ class MlpSites:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def available(self) -> tuple[str, ...]:
+        return self.adapter.sites
+
+    def check(self, sites) -> None:
+        missing = [s for s in sites if s not in self.available]
+        if missing:
+            raise NeuronmapError(f"sites: {', '.join(missing)} not available in this architecture "
+                                 f"(available: {', '.join(self.available)})")
+
     def point(self, site: str, layer: int) -> SitePoint:
+        if site not in self.available:
+            self.check([site])
         mlp = _get(self.layers[layer], self.adapter.mlp)
-        gate, up, down = (_get(mlp, name) for name in (self.adapter.gate, self.adapter.up, self.adapter.down))
+        up, down = _get(mlp, self.adapter.up), _get(mlp, self.adapter.down)
         if site == "gate":
-            return SitePoint(gate, False, gate.out_features)
+            gate = _get(mlp, self.adapter.gate)
+            return SitePoint(gate, False, _features(gate)[1])
         if site == "up":
-            return SitePoint(up, False, up.out_features)
+            return SitePoint(up, False, _features(up)[1])
         if site == "act":
-            return SitePoint(down, True, down.in_features)
-        if site == "down":
-            return SitePoint(down, False, down.out_features)
-        raise NeuronmapError(f"sites: unknown site {site!r} (choose from {', '.join(SITES)})")
+            return SitePoint(down, True, _features(down)[0])
+        return SitePoint(down, False, _features(down)[1])
 
     def width(self, site: str) -> int:
         return self.point(site, 0).width

@@ -70,28 +70,72 @@ def cmd_prepare(args) -> None:
     log.info("wrote %d prompts to %s\n%s", prompts.height, args.out, counts)
 
 
-def cmd_extract(args) -> None:
+def cmd_merge_prompts(args) -> None:
     import polars as pl
-    from .extract import extract_responses
+    from . import schemas
+    from .parquet_io import read_table, write_table
+    prompts = pl.concat([read_table(path) for path in args.inputs], how="vertical")
+    repeated = prompts.filter(pl.col("prompt_id").is_duplicated())["prompt_id"].unique().sort()
+    if repeated.len():
+        raise NeuronmapError(f"{', '.join(args.inputs)}: prompt_id {repeated[0]!r} appears more than once")
+    write_table(prompts, args.out, schemas.PROMPTS)
+    log.info("merged %d prompts of %d relations into %s", prompts.height, len(args.inputs), args.out)
+
+
+def cmd_extract(args) -> None:
+    import os
+
+    import polars as pl
+    from .extract import ExtractionOutputs, ExtractionSettings, extract_shard
     from .parquet_io import read_table
     prompts = read_table(args.prompts).filter(
         (pl.col("relation") == args.relation) & (pl.col("shard") == args.shard))
     if prompts.height == 0:
         raise NeuronmapError(f"{args.prompts}: no identification prompts for {args.relation} shard {args.shard}")
+    # On a cluster, the scheduler's GPU assignment is the first thing to check in a job's log.
+    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
     model, tokenizer = _load(args)
-    extract_responses(model, tokenizer, prompts, args.out, sites=args.sites, pooling=args.pooling,
-                      batch_size=args.batch_size, dtype=args.response_dtype)
+    settings = ExtractionSettings(tuple(args.sites), tuple(args.poolings), args.batch_size, args.batch_tokens,
+                                  args.response_dtype, args.top_n, args.active_threshold, args.include_bos)
+    outputs = ExtractionOutputs(Path(args.out), Path(args.out_stats), Path(args.out_top))
+    extract_shard(model, tokenizer, prompts, outputs, settings)
+
+
+def cmd_neuron_stats(args) -> None:
+    from . import schemas
+    from .neuron_stats import merge_partials, merge_tops
+    from .parquet_io import read_table, write_table
+    write_table(merge_partials([read_table(path) for path in args.stats]), args.out, schemas.NEURON_STATS)
+    write_table(merge_tops([read_table(path) for path in args.top], args.top_n), args.out_top,
+                schemas.TOP_ACTIVATIONS)
+
+
+def _chosen_prompts(args, relations) -> dict:
+    from .expertise import choose_prompts
+    from .parquet_io import read_table
+    prompts = read_table(args.prompts)
+    return {relation: choose_prompts(prompts, relation, args.negatives_per_positive, args.seed)
+            for relation in relations}
+
+
+def cmd_stats_block(args) -> None:
+    from . import schemas
+    from .expertise import expertise_block
+    from .parquet_io import write_table
+    from .responses import ResponseReader
+    table = expertise_block(ResponseReader(args.responses), _chosen_prompts(args, args.relations), args.pooling, args.block,
+                            args.blocks)
+    write_table(table, args.out, schemas.EXPERTISE_BLOCK)
 
 
 def cmd_stats(args) -> None:
+    import polars as pl
     from . import schemas
-    from .expertise import choose_prompts, expertise_table, selected_units
+    from .expertise import rank_units, selected_units
     from .parquet_io import read_table, write_table
-    from .responses import ResponseReader
-    prompts = read_table(args.prompts)
-    chosen = choose_prompts(prompts, args.relation, args.negatives_per_positive, args.seed)
-    reader = ResponseReader(args.responses)
-    expertise = expertise_table(reader, chosen, tie_seed=args.seed)
+    chosen = _chosen_prompts(args, [args.relation])[args.relation]
+    scores = pl.concat([read_table(path).filter(pl.col("relation") == args.relation) for path in args.blocks])
+    expertise = rank_units(scores, tie_seed=args.seed)
     selected = selected_units(expertise, args.relation, args.top_k)
     write_table(chosen, args.out_prompts, schemas.EXPERTISE_PROMPTS)
     write_table(selected, args.out_units, schemas.SELECTED_UNITS)
@@ -111,46 +155,20 @@ def cmd_overlap(args) -> None:
     write_table(unit_overlap(selected, args.top_k), args.out, schemas.OVERLAP)
 
 
-def _test_prompts(path):
-    import polars as pl
-    from .parquet_io import read_table
-    return read_table(path).filter(pl.col("split") == "test").sort("prompt_id")
-
-
-def cmd_baseline(args) -> None:
-    from . import schemas
-    from .ablation import Ablation, evaluate
-    from .parquet_io import write_table
-    model, tokenizer = _load(args)
-    predictions = evaluate(model, tokenizer, _test_prompts(args.prompts), Ablation(None, 0, "none", None, {}),
-                           _evaluation_settings(args))
-    write_table(predictions, args.out, schemas.PREDICTIONS)
-
-
-def cmd_ablate(args) -> None:
-    import polars as pl
-    from . import schemas
-    from .ablation import ablations_for, evaluate, summarize
-    from .architectures import MlpSites
-    from .parquet_io import read_table, write_table
-    selected = read_table(args.units)
-    baseline = read_table(args.baseline)
-    test_prompts = _test_prompts(args.prompts)
-    model, tokenizer = _load(args)
-    sites = MlpSites(model)
-    widths = {site: sites.width(site) for site in selected["site"].unique()}
-    plan = ablations_for(args.relation, selected, args.top_k, args.seeds, widths)
-    settings = _evaluation_settings(args)
-    predictions = pl.concat([evaluate(model, tokenizer, test_prompts, a, settings) for a in plan])
-    write_table(predictions, args.out_predictions, schemas.PREDICTIONS)
-    write_table(summarize(predictions, baseline), args.out_summary, schemas.ABLATION)
-
-
 def cmd_report(args) -> None:
     from .report import ReportInputs, build_report
-    build_report(ReportInputs(Path(args.prompts), Path(args.model_dir), Path(args.baseline),
-                              [Path(p) for p in args.ablation], [Path(p) for p in args.units], Path(args.overlap)),
-                 json.loads(args.config_json), args.out)
+
+    def optional(path):
+        return Path(path) if path else None
+    inputs = ReportInputs(
+        prompts=Path(args.prompts), model_dir=Path(args.model_dir), baseline=Path(args.baseline),
+        ablation=[Path(p) for p in args.ablation], units=[Path(p) for p in args.units],
+        expertise=[Path(p) for p in args.expertise], overlap=Path(args.overlap),
+        benchmarks=optional(args.benchmarks), neuron_stats=optional(args.neuron_stats),
+        top_activations=optional(args.top_activations), decoded=optional(args.decoded),
+        significance=optional(args.significance), perplexity=optional(args.perplexity),
+        sweep=optional(args.sweep), sparsity=optional(args.sparsity), languages=optional(args.languages))
+    build_report(inputs, args.config_json, args.out, args.figures_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,24 +194,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("extract", help="pooled responses of one shard's prompts")
+    p = sub.add_parser("merge-prompts", help="per-relation prompts files -> one prompts.parquet")
+    p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_prompts)
+
+    p = sub.add_parser("extract", help="pooled responses and token statistics of one shard's prompts")
     _model_args(p)
     p.add_argument("--prompts", required=True)
     p.add_argument("--relation", required=True)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--sites", nargs="+", default=["gate", "up", "act", "down"])
-    p.add_argument("--pooling", choices=["mean", "max", "last"], default="mean")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--poolings", nargs="+", choices=["mean", "max", "last"], default=["mean", "max", "last"])
+    p.add_argument("--batch-size", type=int, default=64, help="most prompts in a batch")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="most padded tokens in a batch")
     p.add_argument("--response-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--top-n", type=int, default=10, help="top-activating prompts kept per unit")
+    p.add_argument("--active-threshold", type=float, default=0.05)
+    p.add_argument("--include-bos", type=_bool, default=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--out-stats", required=True)
+    p.add_argument("--out-top", required=True)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("stats", help="expertise (AP) of every unit for one relation, and its top-k units")
-    p.add_argument("--prompts", required=True)
+    p = sub.add_parser("neuron-stats", help="merge the shards' token statistics")
+    p.add_argument("--stats", nargs="+", required=True)
+    p.add_argument("--top", nargs="+", required=True)
+    p.add_argument("--top-n", type=int, default=10)
+    p.add_argument("--out", required=True)
+    p.add_argument("--out-top", required=True)
+    p.set_defaults(func=cmd_neuron_stats)
+
+    def chosen_args(p):
+        p.add_argument("--prompts", required=True)
+        p.add_argument("--negatives-per-positive", type=int, default=4)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("stats-block", help="expertise (AP) of one block of layers' units for every relation")
+    chosen_args(p)
     p.add_argument("--responses", nargs="+", required=True)
+    p.add_argument("--relations", nargs="+", required=True)
+    p.add_argument("--pooling", choices=["mean", "max", "last"], default="mean")
+    p.add_argument("--block", type=int, required=True)
+    p.add_argument("--blocks", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_stats_block)
+
+    p = sub.add_parser("stats", help="rank every unit for one relation and select its top-k")
+    chosen_args(p)
+    p.add_argument("--blocks", nargs="+", required=True, help="the stats-block outputs")
     p.add_argument("--relation", required=True)
-    p.add_argument("--negatives-per-positive", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-k", nargs="+", type=int, required=True)
     p.add_argument("--out-expertise", required=True)
     p.add_argument("--out-prompts", required=True)
@@ -206,25 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_overlap)
 
-    p = sub.add_parser("baseline", help="factual recall of the unmodified model on the test prompts")
-    _model_args(p)
-    _evaluation_args(p)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_baseline)
-
-    p = sub.add_parser("ablate", help="factual recall with a relation's top-k (and random) units deactivated")
-    _model_args(p)
-    _evaluation_args(p)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--units", required=True)
-    p.add_argument("--baseline", required=True)
-    p.add_argument("--relation", required=True)
-    p.add_argument("--top-k", nargs="+", type=int, required=True)
-    p.add_argument("--seeds", nargs="*", type=int, default=[])
-    p.add_argument("--out-summary", required=True)
-    p.add_argument("--out-predictions", required=True)
-    p.set_defaults(func=cmd_ablate)
+    from .analysis_commands import add_commands
+    add_commands(sub, _model_args, _evaluation_args, _bool)
 
     p = sub.add_parser("report", help="the self-contained HTML report")
     p.add_argument("--prompts", required=True)
@@ -233,8 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", nargs="+", required=True)
     p.add_argument("--units", nargs="+", required=True)
     p.add_argument("--overlap", required=True)
-    p.add_argument("--config-json", required=True)
+    p.add_argument("--expertise", nargs="+", required=True, help="expertise/<relation>.parquet of every relation")
+    p.add_argument("--benchmarks", help="the run's benchmarks/ directory (default: beside --prompts)")
+    for name in ("neuron-stats", "top-activations", "decoded", "significance", "perplexity", "sweep", "sparsity",
+                 "languages"):
+        p.add_argument(f"--{name}", help="optional: the report says 'not yet run' without it")
+    p.add_argument("--config-json", required=True, help="the validated config; the report shows its sha256")
     p.add_argument("--out", required=True)
+    p.add_argument("--figures-dir", required=True, help="where each figure is written as SVG and PNG")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -1,22 +1,45 @@
-"""The extract stage: pooled responses of every unit at every selected site to a shard's prompts."""
+"""The extract stage: one forward pass per batch with every site hooked, writing the pooled
+responses of a shard's prompts and the per-token statistics of every unit."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 from tqdm import tqdm
 
+from . import schemas
 from .architectures import MlpSites
-from .batching import encode, length_sorted_batches
+from .batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
 from .errors import NeuronmapError
-from .hooks import PooledResponses
-from .parquet_io import atomic_path
+from .hooks import SiteRecorder, TokenMask
+from .neuron_stats import UnitStats, partial_table, top_table
+from .parquet_io import atomic_path, write_table
 from .responses import ResponseWriter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    sites: tuple[str, ...] = ("gate", "up", "act", "down")
+    poolings: tuple[str, ...] = ("mean", "max", "last")
+    batch_size: int = 64
+    batch_tokens: int = 4096
+    response_dtype: str = "float16"
+    top_n: int = 10
+    active_threshold: float = 0.05
+    include_bos: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractionOutputs:
+    responses: Path
+    stats: Path
+    top: Path
 
 
 def forward_without_logits(model, batch: dict[str, torch.Tensor]) -> None:
@@ -24,27 +47,75 @@ def forward_without_logits(model, batch: dict[str, torch.Tensor]) -> None:
     model(**batch, use_cache=False, logits_to_keep=1)
 
 
-def extract_responses(model, tokenizer, prompts: pl.DataFrame, out_path: str | Path, *, sites, pooling: str,
-                      batch_size: int, dtype: str = "float16") -> int:
-    """Write the pooled responses of `prompts` (prompt_id, text) to `out_path`; return the prompt count."""
-    if prompts.height == 0:
-        raise NeuronmapError(f"{out_path}: no prompts in this shard")
-    mlp_sites = MlpSites(model)
-    device = next(model.parameters()).device
-    texts = prompts["text"].to_list()
-    ids = prompts["prompt_id"].to_list()
-    lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
-    reader = PooledResponses(mlp_sites, sites, pooling)
-    with atomic_path(out_path) as tmp, reader.installed(), torch.inference_mode():
-        writer = ResponseWriter(tmp, dtype)
+class Extraction:
+    """Runs batches through the hooked model and streams what they show to the outputs."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.device = next(model.parameters()).device
+        self.sites = MlpSites(model)
+        self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.top_n,
+                                     settings.active_threshold)
+        self.prompt_ids, self.texts = prompt_ids, texts
+        self.token_ids = tokenizer(texts)["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.exclude_first = (not settings.include_bos and bos is not None
+                              and all(ids and ids[0] == bos for ids in self.token_ids))
+        self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n, self.device)
+                      for site in settings.sites for layer in range(self.sites.n_layers)}
+        self.store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
+
+    def run(self, outputs: ExtractionOutputs) -> None:
+        lengths = [len(ids) for ids in self.token_ids]
+        batches = list(length_sorted_batches(lengths, self.settings.batch_size, self.settings.batch_tokens))
+        widths = {site: self.sites.width(site) for site in self.settings.sites}
+        with atomic_path(outputs.responses) as tmp, self.recorder.installed(), torch.inference_mode():
+            writer = ResponseWriter(tmp, widths, self.sites.n_layers, self.settings.poolings,
+                                    self.settings.response_dtype)
+            try:
+                for batch in tqdm(batches, desc=f"extract {outputs.responses.name}", unit="batch", mininterval=5):
+                    self._run_batch(batch, writer)
+            finally:
+                writer.close()
+            write_table(partial_table(self.stats), outputs.stats, schemas.NEURON_STATS_PARTIAL)
+            write_table(top_table(self.stats, self.prompt_ids, self._tokens), outputs.top,
+                        schemas.TOP_ACTIVATIONS_PARTIAL)
+        log.info("wrote responses of %d prompts in %d batches to %s", len(self.prompt_ids), len(batches),
+                 outputs.responses)
+
+    def _tokens(self, prompt_index: int) -> list[str]:
+        return [self.tokenizer.decode([token]) for token in self.token_ids[prompt_index]]
+
+    def _run_batch(self, batch: list[int], writer: ResponseWriter) -> None:
+        """Forward one batch; on a device out-of-memory, retry it in halves."""
+        encoded = encode(self.tokenizer, [self.texts[i] for i in batch], self.device, padding_side="right")
+        mask = TokenMask.from_attention_mask(encoded["attention_mask"], self.exclude_first)
+        self.recorder.floors = {key: floor for key, s in self.stats.items() if (floor := s.floor()) is not None}
+        self.recorder.start_batch(mask)
         try:
-            batches = list(length_sorted_batches(lengths, batch_size))
-            for batch in tqdm(batches, desc=f"extract {Path(out_path).name}", unit="batch", mininterval=2):
-                encoded = encode(tokenizer, [texts[i] for i in batch], device, padding_side="right")
-                reader.start_batch(encoded["attention_mask"])
-                forward_without_logits(model, encoded)
-                writer.write_batch([ids[i] for i in batch], [lengths[i] for i in batch], reader.to_host())
-        finally:
-            writer.close()
-    log.info("wrote responses of %d prompts to %s", len(ids), out_path)
-    return len(ids)
+            forward_without_logits(self.model, encoded)
+        except RuntimeError as error:
+            if not is_out_of_memory(error) or len(batch) == 1:
+                raise
+            del encoded
+            self.recorder.observations = {}
+            free_device_memory(self.device)
+            log.warning("out of memory on a batch of %d prompts; retrying in halves", len(batch))
+            half = len(batch) // 2
+            self._run_batch(batch[:half], writer)
+            self._run_batch(batch[half:], writer)
+            return
+        # Only now, with the whole forward done, does the batch count.
+        prompt_index = torch.as_tensor(batch, device=self.device)
+        for key, seen in self.recorder.observations.items():
+            self.stats[key].add(seen, mask.count, prompt_index)
+        writer.write_batch([self.prompt_ids[i] for i in batch], [len(self.token_ids[i]) for i in batch],
+                           self.recorder.pooled_to_host(self.store_dtype))
+
+
+def extract_shard(model, tokenizer, prompts: pl.DataFrame, outputs: ExtractionOutputs,
+                  settings: ExtractionSettings) -> int:
+    if prompts.height == 0:
+        raise NeuronmapError(f"{outputs.responses}: no prompts in this shard")
+    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), settings).run(outputs)
+    return prompts.height

@@ -19,6 +19,7 @@ import torch
 
 from .architectures import adapter_for
 from .errors import NeuronmapError
+from .parquet_io import UMASK
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ def prepare_model(spec: str, out_dir: str | Path, trust_remote_code: bool = Fals
     kind, path = resolve_source(spec)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by an attempt killed by SIGKILL
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private; the model dir is shared like any result
     try:
         if kind == "gguf":
             log.info("dequantizing %s once into safetensors", path)

@@ -26,3 +26,16 @@ def unit_overlap(selected: pl.DataFrame, top_k: Sequence[int]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"k": pl.Int64, "relation_a": pl.String, "relation_b": pl.String,
                                       "shared": pl.Int64, "jaccard": pl.Float64}) \
         .select(schemas.OVERLAP.names)
+
+
+def shared_units(selected: pl.DataFrame, top_k: Sequence[int]) -> pl.DataFrame:
+    """The units themselves that each unordered pair of relations (a < b) shares, per k."""
+    frames = []
+    for k in sorted(top_k):
+        top = selected.filter(pl.col("rank") <= k).select("relation", "site", "layer", "unit")
+        pairs = top.join(top, on=["site", "layer", "unit"], suffix="_b") \
+            .filter(pl.col("relation") < pl.col("relation_b"))
+        frames.append(pairs.select(pl.lit(k, pl.Int64).alias("k"), pl.col("relation").alias("relation_a"),
+                                   pl.col("relation_b"), "site", "layer", "unit"))
+    return pl.concat(frames).sort("k", "relation_a", "relation_b", "site", "layer", "unit") \
+        .select(schemas.SHARED_UNITS.names)

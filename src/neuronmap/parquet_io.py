@@ -7,6 +7,7 @@ crash or a bad input never leaves a partial file that Snakemake would take as do
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -17,14 +18,22 @@ import pyarrow.parquet as pq
 
 from .errors import NeuronmapError
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path next to `target`; rename it onto `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # An attempt killed by SIGKILL could not clean up after itself: do it before this one.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{suffix}.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); results on a shared filesystem are for the group too.
+    os.chmod(tmp, 0o666 & ~UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, target)

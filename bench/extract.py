@@ -1,0 +1,187 @@
+"""Extraction cost against the forward-pass floor, on the same batches of the default model.
+
+    .venv/bin/python bench/extract.py [--prompts 128] [--repeats 3] [--rss-prompts 64]
+
+(a) a plain torch.inference_mode forward (the floor), also without the vocabulary projection;
+(b) neuronmap's extraction: all four sites, three poolings, streaming statistics, top
+activations and the Parquet writes, as the workflow runs it; (c) TransformerLens and (d) nnsight
+doing the same reductions, when installed (pip install -e '.[bench]'). Then peak RSS of
+extraction at 1x and 8x the prompts (separate processes). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
+from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings  # noqa: E402
+from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
+from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
+from neuronmap.relations import find_relation_file, load_relation  # noqa: E402
+
+RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
+             "word_first_letter", "verb_past_tense", "adj_comparative"]
+SETTINGS = ExtractionSettings(batch_size=64, batch_tokens=2048)
+
+
+def model_dir() -> Path:
+    path = REPO / "results" / "bench" / "model"
+    if not path.exists():
+        prepare_model("builtin:smollm2-135m-instruct", path)
+    return path
+
+
+def identification_prompts(n: int) -> pl.DataFrame:
+    relations = [load_relation(find_relation_file(REPO / "data" / "relations", r), r) for r in RELATIONS]
+    prompts = build_prompts(relations, PromptSettings(few_shot=3, test_facts=50, seed=0))
+    prompts = prompts.filter(pl.col("split") == "identification").sort("prompt_id")
+    if prompts.height < n:
+        raise SystemExit(f"only {prompts.height} identification prompts available, asked for {n}")
+    return prompts.sample(n, seed=0)
+
+
+def batches_of(tokenizer, texts):
+    lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
+    return [encode(tokenizer, [texts[i] for i in b], torch.device("cpu"), "right")
+            for b in length_sorted_batches(lengths, SETTINGS.batch_size, SETTINGS.batch_tokens)]
+
+
+def time_floor(model, batches, logits: bool) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            model(**batch, use_cache=False) if logits else model(**batch, use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def time_neuronmap(model, tokenizer, prompts, workdir: Path) -> float:
+    outputs = ExtractionOutputs(workdir / "r.parquet", workdir / "s.parquet", workdir / "t.parquet")
+    start = time.perf_counter()
+    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), SETTINGS).run(outputs)
+    return time.perf_counter() - start
+
+
+def reduce_like_neuronmap(acts: dict, mask: torch.Tensor) -> None:
+    """The reductions neuronmap does inside its hooks, applied to activations saved by another tool."""
+    from neuronmap.hooks import TokenMask, observe
+    token_mask = TokenMask.from_attention_mask(mask)
+    for x in acts.values():
+        observe(x, token_mask, ("mean", "max", "last"), SETTINGS.top_n, SETTINGS.active_threshold, None)
+
+
+def time_nnsight(model, tokenizer, batches):
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        return None
+    wrapped = NNsight(model)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            saved = {}
+            with wrapped.trace(**batch, use_cache=False, logits_to_keep=1):
+                for layer, block in enumerate(wrapped.model.layers):
+                    saved[("gate", layer)] = block.mlp.gate_proj.output.save()
+                    saved[("up", layer)] = block.mlp.up_proj.output.save()
+                    saved[("act", layer)] = block.mlp.down_proj.input.save()
+                    saved[("down", layer)] = block.mlp.down_proj.output.save()
+            reduce_like_neuronmap({k: getattr(v, "value", v) for k, v in saved.items()}, batch["attention_mask"])
+    return time.perf_counter() - start
+
+
+def time_transformer_lens(model, tokenizer, batches):
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    try:
+        hooked = HookedTransformer.from_pretrained_no_processing("meta-llama/Llama-2-7b-hf", hf_model=model,
+                                                                 tokenizer=tokenizer, device="cpu")
+    except Exception as error:  # TransformerLens only knows its own list of model names
+        print(f"TransformerLens could not wrap the default model: {error.__class__.__name__}: {error}",
+              file=sys.stderr)
+        return None
+    start = time.perf_counter()
+    names = lambda name: name.endswith(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out"))
+    with torch.inference_mode():
+        for batch in batches:
+            _, cache = hooked.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             names_filter=names)
+            reduce_like_neuronmap(dict(cache.items()), batch["attention_mask"])
+    return time.perf_counter() - start
+
+
+def rss_child(n: int) -> None:
+    model, tokenizer = load_model(model_dir(), "cpu", "float32")
+    prompts = identification_prompts(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        time_neuronmap(model, tokenizer, prompts, Path(tmp))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_rss(n: int) -> float:
+    result = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-prompts", type=int, default=64)
+    parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        return rss_child(args.rss_child)
+
+    model, tokenizer = load_model(model_dir(), "cpu", "float32")
+    prompts = identification_prompts(args.prompts)
+    batches = batches_of(tokenizer, prompts["text"].to_list())
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    times = {"floor": [], "floor_no_logits": [], "neuronmap": [], "nnsight": [], "transformer_lens": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        time_neuronmap(model, tokenizer, prompts, Path(tmp))  # warm-up
+        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every method alike
+            times["floor"].append(time_floor(model, batches, logits=True))
+            times["neuronmap"].append(time_neuronmap(model, tokenizer, prompts, Path(tmp)))
+            times["floor_no_logits"].append(time_floor(model, batches, logits=False))
+            for name, run in (("nnsight", time_nnsight), ("transformer_lens", time_transformer_lens)):
+                seconds = run(model, tokenizer, batches)
+                if seconds is not None:
+                    times[name].append(seconds)
+    medians = {name: statistics.median(v) for name, v in times.items() if v}
+    rss_1x, rss_8x = peak_rss(args.rss_prompts), peak_rss(8 * args.rss_prompts)
+    figures = {"prompts": args.prompts, "batches": len(batches), "tokens": tokens, "repeats": args.repeats,
+               "threads": torch.get_num_threads(), "seconds": medians,
+               "ratio_to_floor": {k: v / medians["floor"] for k, v in medians.items()},
+               "ratio_to_floor_no_logits": {k: v / medians["floor_no_logits"] for k, v in medians.items()},
+               "peak_rss_mb": {f"{args.rss_prompts}_prompts": rss_1x, f"{8 * args.rss_prompts}_prompts": rss_8x},
+               "rss_growth_8x": rss_8x / rss_1x - 1}
+    print(f"{args.prompts} prompts, {tokens} tokens, {len(batches)} batches, median of {args.repeats}")
+    print(f"{'method':<22}{'seconds':>10}{'vs floor':>10}{'vs floor w/o logits':>22}")
+    for name, seconds in medians.items():
+        print(f"{name:<22}{seconds:>10.2f}{figures['ratio_to_floor'][name]:>10.3f}"
+              f"{figures['ratio_to_floor_no_logits'][name]:>22.3f}")
+    print(f"peak RSS: {rss_1x:.0f} MB at {args.rss_prompts} prompts, {rss_8x:.0f} MB at {8 * args.rss_prompts} "
+          f"({100 * figures['rss_growth_8x']:+.1f}%)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

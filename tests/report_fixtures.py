@@ -1,0 +1,126 @@
+"""Stand-ins for the files of analyses that later stages write (per-token statistics, top
+activations, decoded tokens, paired significance, sweep, sparsity, languages, perplexity), in
+the columns those stages write, built around a real run so the report can be shown complete
+before those stages exist. Tokens and prompts are real (the run's prompts through the run's
+tokenizer, exactly as extraction records a peak token); the numbers are random."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from neuronmap.parquet_io import write_table
+from neuronmap.report_atlas import load_tokenizer
+
+KEY = ["site", "layer", "unit"]
+
+NEURON_STATS = pa.schema([("site", pa.string()), ("layer", pa.int32()), ("unit", pa.int32()),
+                          ("count", pa.int64()), ("mean", pa.float64()), ("var", pa.float64()),
+                          ("min", pa.float32()), ("max", pa.float32()), ("frac_positive", pa.float64()),
+                          ("frac_active", pa.float64())])
+TOP_ACTIVATIONS = pa.schema([("site", pa.string()), ("layer", pa.int32()), ("unit", pa.int32()),
+                             ("rank", pa.int32()), ("prompt_id", pa.string()), ("position", pa.int32()),
+                             ("token", pa.string()), ("value", pa.float32())])
+
+
+def write_later_analyses(run_dir: Path, out_dir: Path, units_per_relation: int = 200, per_unit: int = 5,
+                         seed: int = 0) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    expertise = sorted((run_dir / "expertise").glob("*.parquet"))
+    expertise = [p for p in expertise if not p.name.endswith(".prompts.parquet")]
+    every_unit = pl.read_parquet(expertise[0], columns=KEY).sort(KEY)
+    n = every_unit.height
+    frac = rng.beta(2, 5, n)
+    frac[rng.random(n) < 0.01] = 0.0
+    stats = every_unit.with_columns(
+        count=pl.lit(5000, pl.Int64), mean=pl.Series(rng.normal(0, 0.3, n)), var=pl.Series(rng.gamma(2, 0.05, n)),
+        min=pl.Series(-rng.gamma(2, 0.5, n)), max=pl.Series(rng.gamma(2, 0.5, n)),
+        frac_positive=pl.Series(frac), frac_active=pl.Series(frac * 0.7))
+    paths = {"neuron_stats": out_dir / "neuron_stats.parquet"}
+    write_table(stats, paths["neuron_stats"], NEURON_STATS)
+
+    # Top activations and decoded tokens for every relation's top units (and some others).
+    top_units = pl.concat([pl.read_parquet(p, columns=KEY + ["rank"]).filter(pl.col("rank") <= units_per_relation)
+                           .select(KEY) for p in expertise]).unique().sort(KEY)
+    top_units = pl.concat([top_units, every_unit.sample(50, seed=seed)]).unique().sort(KEY)
+    prompts = pl.read_parquet(run_dir / "prompts.parquet").filter(pl.col("split") == "identification")
+    tokenizer = load_tokenizer(run_dir / "model")
+    token_ids = tokenizer(prompts["text"].to_list())["input_ids"]
+    rows, decoded = [], []
+    vocabulary = tokenizer.vocab_size
+    for site, layer, unit in top_units.iter_rows():
+        chosen = rng.choice(prompts.height, per_unit, replace=False)
+        values = np.sort(rng.gamma(3, 1.0, per_unit))[::-1]
+        for rank, (p, value) in enumerate(zip(chosen, values), start=1):
+            position = int(rng.integers(1, len(token_ids[p])))
+            rows.append((site, layer, unit, rank, prompts["prompt_id"][int(p)], position,
+                         tokenizer.decode([token_ids[p][position]]), float(value)))
+        for norm_gain in (False, True):
+            ids = [int(i) for i in rng.choice(vocabulary, 6, replace=False)]
+            decoded.append((site, layer, unit, norm_gain, ids, [tokenizer.decode([i]) for i in ids],
+                            sorted(rng.random(6).tolist(), reverse=True)))
+    paths["top_activations"] = out_dir / "top_activations.parquet"
+    write_table(pl.DataFrame(rows, schema=TOP_ACTIVATIONS.names, orient="row"), paths["top_activations"],
+                TOP_ACTIVATIONS)
+    paths["decoded"] = out_dir / "decoded.parquet"
+    pl.DataFrame(decoded, schema={"site": pl.String, "layer": pl.Int32, "unit": pl.Int32, "norm_gain": pl.Boolean,
+                                  "token_ids": pl.List(pl.Int32), "tokens": pl.List(pl.String),
+                                  "scores": pl.List(pl.Float32)}, orient="row").write_parquet(paths["decoded"])
+
+    paths["sparsity"] = out_dir / "sparsity.parquet"
+    stats.group_by("site", "layer").agg(
+        units=pl.len().cast(pl.Int64), tokens=pl.col("count").first(),
+        firing_rate_mean=pl.col("frac_positive").mean(), firing_rate_median=pl.col("frac_positive").median(),
+        active_rate_mean=pl.col("frac_active").mean(), active_rate_median=pl.col("frac_active").median(),
+        dead=(pl.col("frac_positive") == 0).sum().cast(pl.Int64), never_active=(pl.col("frac_active") == 0).sum()
+        .cast(pl.Int64), rare=(pl.col("frac_positive") < 0.01).sum().cast(pl.Int64),
+    ).sort("site", "layer").write_parquet(paths["sparsity"])
+
+    # Paired statistics over the run's real ablation rows.
+    ablation = pl.concat([pl.read_parquet(p) for p in sorted((run_dir / "ablation").glob("*.parquet"))
+                          if not p.name.endswith((".predictions.parquet", ".languages.parquet",
+                                                  ".perplexity.parquet"))])
+    p_values = rng.random(ablation.height) ** 3
+    paths["significance"] = out_dir / "significance.parquet"
+    ablation.with_columns(
+        lost=pl.lit(2, pl.Int64), gained=pl.lit(1, pl.Int64),
+        difference=pl.col("accuracy") - pl.col("baseline_accuracy"), ci_low=pl.col("accuracy") - 0.2,
+        ci_high=pl.col("accuracy") + 0.2, p_value=pl.Series(p_values), q_value=pl.Series(np.minimum(1, p_values * 3)),
+        significant=pl.Series(p_values * 3 < 0.05),
+    ).write_parquet(paths["significance"])
+    top = ablation.filter(pl.col("control") == "top_k")
+    random = ablation.filter(pl.col("control") == "random").group_by("ablated_relation", "eval_relation", "k").agg(
+        random_seeds=pl.len().cast(pl.Int64), random_accuracy_mean=pl.col("accuracy").mean(),
+        random_accuracy_sd=pl.col("accuracy").std(), random_accuracy_min=pl.col("accuracy").min(),
+        random_accuracy_max=pl.col("accuracy").max(), random_relative_drop_mean=pl.col("relative_drop").mean(),
+        random_significant_seeds=pl.lit(0, pl.Int64))
+    paths["sweep"] = out_dir / "sweep.parquet"
+    top.join(random, on=["ablated_relation", "eval_relation", "k"], how="left").select(
+        "ablated_relation", "eval_relation", "k", "n", "baseline_accuracy", pl.col("accuracy").alias("top_accuracy"),
+        pl.col("relative_drop").alias("top_relative_drop"),
+        (pl.col("accuracy") - pl.col("baseline_accuracy")).alias("top_difference"),
+        pl.lit(-0.1).alias("top_ci_low"), pl.lit(0.1).alias("top_ci_high"), pl.lit(0.5).alias("top_p_value"),
+        pl.lit(0.5).alias("top_q_value"), pl.lit(False).alias("top_significant"), "random_seeds",
+        "random_accuracy_mean", "random_accuracy_sd", "random_accuracy_min", "random_accuracy_max",
+        "random_relative_drop_mean", "random_significant_seeds").write_parquet(paths["sweep"])
+
+    own = top.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
+    paths["languages"] = out_dir / "languages.parquet"
+    pl.concat([own.with_columns(language=pl.lit(language), accuracy=pl.Series(rng.random(own.height)))
+               for language in ("de", "fr", "es")]).with_columns(
+        relative_drop=(pl.col("baseline_accuracy") - pl.col("accuracy")) / pl.col("baseline_accuracy"),
+        significant=pl.Series(rng.random(3 * own.height) < 0.3)).write_parquet(paths["languages"])
+
+    relations = ablation["ablated_relation"].unique().sort()
+    paths["perplexity"] = out_dir / "perplexity.parquet"
+    perplexity = rng.uniform(20, 40, len(relations))
+    pl.DataFrame({"ablated_relation": relations, "k": [int(ablation["k"].max())] * len(relations),
+                  "control": ["top_k"] * len(relations), "seed": [None] * len(relations),
+                  "tokens": [500] * len(relations), "nll": np.log(perplexity), "perplexity": perplexity,
+                  "baseline_perplexity": [20.0] * len(relations), "ratio": perplexity / 20.0},
+                 schema_overrides={"seed": pl.Int64}).write_parquet(paths["perplexity"])
+    return paths

@@ -1,0 +1,132 @@
+"""Per-token statistics: the same numbers whatever the sharding and batching, and equal to a
+direct computation over every token."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings
+from neuronmap.neuron_stats import merge_partials, merge_tops
+from neuronmap.parquet_io import read_table
+from neuronmap.responses import ResponseReader
+
+TEXTS = [f"The capital city of {c} is" for c in ("France", "Germany", "Peru", "the United Kingdom", "Chad")] + \
+        [f"The past tense of {v} is" for v in ("go", "run", "think", "sing", "bring", "catch", "be")] + \
+        ["Hello", "A star in the constellation of Orion, the hunter, is Betelgeuse", "x y z"]
+IDS = [f"p{i:02d}" for i in range(len(TEXTS))]
+SETTINGS = ExtractionSettings(sites=("gate", "act", "down"), batch_size=4, batch_tokens=48, top_n=3,
+                              active_threshold=0.1)
+
+
+def extract_in_shards(model, tokenizer, tmp_path, n_shards):
+    stats, tops, responses = [], [], []
+    for shard in range(n_shards):
+        rows = list(range(shard, len(TEXTS), n_shards))
+        outputs = ExtractionOutputs(*(tmp_path / f"{n_shards}-{shard}.{kind}.parquet"
+                                      for kind in ("responses", "stats", "top")))
+        Extraction(model, tokenizer, [IDS[i] for i in rows], [TEXTS[i] for i in rows], SETTINGS).run(outputs)
+        stats.append(read_table(outputs.stats))
+        tops.append(read_table(outputs.top))
+        responses.append(outputs.responses)
+    return merge_partials(stats), merge_tops(tops, 3), ResponseReader(responses)
+
+
+@pytest.fixture(scope="module")
+def sharded(smollm2, tmp_path_factory):
+    model, tokenizer = smollm2
+    tmp = tmp_path_factory.mktemp("stats")
+    return {n: extract_in_shards(model, tokenizer, tmp, n) for n in (1, 2, 5)}
+
+
+def test_statistics_do_not_depend_on_the_shard_count(sharded):
+    one, _, _ = sharded[1]
+    for n in (2, 5):
+        other, _, _ = sharded[n]
+        assert other.select("site", "layer", "unit", "count").equals(one.select("site", "layer", "unit", "count"))
+        for column in ("mean", "var", "min", "max"):
+            np.testing.assert_allclose(other[column].to_numpy(), one[column].to_numpy(), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{column} with {n} shards")
+        # Batches of other shapes round differently, so a token within float error of the
+        # threshold may flip: at most one token, in very few units.
+        for column in ("frac_positive", "frac_active"):
+            flips = np.abs(other[column].to_numpy() - one[column].to_numpy()) * one["count"].to_numpy()
+            assert flips.max() <= 1 + 1e-9 and (flips > 0.5).mean() < 1e-3, column
+
+
+def test_top_activations_do_not_depend_on_the_shard_count(sharded):
+    _, one, _ = sharded[1]
+    for n in (2, 5):
+        _, other, _ = sharded[n]
+        np.testing.assert_allclose(other["value"].to_numpy(), one["value"].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def every_token(model, tokenizer, site, layer):
+    """The site's values at every token of every prompt, from unbatched forwards."""
+    mlp = model.model.layers[layer].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda module, args, output: seen.append(args[0][0].clone()))
+    try:
+        for text in TEXTS:
+            model(**tokenizer(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    values = []
+    for x in seen:
+        gate = x @ mlp.gate_proj.weight.T
+        act = F.silu(gate) * (x @ mlp.up_proj.weight.T)
+        values.append({"gate": gate, "act": act, "down": act @ mlp.down_proj.weight.T}[site])
+    return values
+
+
+@pytest.mark.parametrize("site, layer", [("gate", 0), ("act", 17), ("down", 29)])
+def test_statistics_equal_a_direct_computation(smollm2, sharded, site, layer):
+    model, tokenizer = smollm2
+    per_prompt = every_token(model, tokenizer, site, layer)
+    tokens = torch.cat(per_prompt).double().numpy()
+    stats, tops, reader = sharded[2]
+    row = stats.filter((pl.col("site") == site) & (pl.col("layer") == layer)).sort("unit")
+    assert (row["count"] == tokens.shape[0]).all()
+    np.testing.assert_allclose(row["mean"], tokens.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(row["var"], tokens.var(0), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(row["min"], tokens.min(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(row["max"], tokens.max(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(row["frac_positive"], (tokens > 0).mean(0), atol=1e-12)
+    np.testing.assert_allclose(row["frac_active"], (np.abs(tokens) > 0.1).mean(0), atol=1e-12)
+    # The top prompt of unit 5 is the prompt with the highest peak, at the peak's position.
+    peaks = [float(v[:, 5].max()) for v in per_prompt]
+    best = int(np.argmax(peaks))
+    top = tops.filter((pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == 5)).sort("rank")
+    assert top["prompt_id"][0] == IDS[best]
+    assert top["position"][0] == int(per_prompt[best][:, 5].argmax())
+    assert top["value"][0] == pytest.approx(peaks[best], rel=1e-4, abs=1e-5)
+    # Pooled responses stored for every pooling agree with the same tokens.
+    for pooling, reduce in (("mean", lambda v: v.mean(0)), ("max", lambda v: v.max(0).values),
+                            ("last", lambda v: v[-1])):
+        block = reader.read_block(pooling, site, layer, IDS)
+        expected = np.stack([reduce(v).numpy() for v in per_prompt])
+        np.testing.assert_allclose(block, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(smollm2, sharded, tmp_path, monkeypatch, caplog):
+    import neuronmap.extract as extract
+    model, tokenizer = smollm2
+    real_forward = extract.forward_without_logits
+
+    def small_batches_only(model, batch):
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_forward(model, batch)
+
+    monkeypatch.setattr(extract, "forward_without_logits", small_batches_only)
+    outputs = ExtractionOutputs(*(tmp_path / f"{kind}.parquet" for kind in ("responses", "stats", "top")))
+    Extraction(model, tokenizer, IDS, TEXTS, SETTINGS).run(outputs)
+    assert "retrying in halves" in caplog.text
+    one, _, reader = sharded[1]
+    retried = merge_partials([read_table(outputs.stats)])
+    assert retried["count"].equals(one["count"])  # no token counted twice
+    np.testing.assert_allclose(retried["mean"].to_numpy(), one["mean"].to_numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ResponseReader([outputs.responses]).read_block("max", "act", 3, IDS),
+                               reader.read_block("max", "act", 3, IDS), rtol=1e-3, atol=1e-3)
