@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48, help="test prompts evaluated per configuration")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group", type=int, nargs="+", default=[12, 4], help="configurations per forward batch")
-    parser.add_argument("--units", type=Path, default=REPO / "results" / "default" / "units" / "country_capital_city.parquet")
+    parser.add_argument("--units", type=Path,
+                        default=REPO / "results" / "default" / "units" / "country_capital_city.parquet",
+                        help="a relation's selected units from a finished run (else synthetic ones)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +137,8 @@ def main() -> None:
         "bench": "ablate", "configurations": len(plan), "prompts": prompts.height, "units": source,
         "batch_size": SETTINGS.batch_size, "threads": args.threads, "repeats": args.repeats,
         "seconds_median": {mode: round(statistics.median(v), 2) for mode, v in times.items()},
-        "speedup": {mode: round(base / statistics.median(v), 2) for mode, v in times.items() if mode != "one at a time"},
+        "speedup": {mode: round(base / statistics.median(v), 2) for mode, v in times.items()
+                    if mode != "one at a time"},
         "best": best, "best_speedup": round(base / statistics.median(times[best]), 2),
         "identical_predictions": identical,
     }))

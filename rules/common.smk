@@ -51,25 +51,46 @@ def package_files(*modules):
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            # cli.py and analysis_commands.py import each subcommand's modules: following
-            # them would list them all (their rules list the modules they use).
-            todo += (
-                [] if name in ("cli", "analysis_commands") else package_imports(name)
-            )
+            todo += package_imports(name)
     # Relative to the working directory, so that a moved checkout is not a change of input.
     return sorted(os.path.relpath(PACKAGE / f"{name}.py") for name in needed)
 
 
 @functools.cache
 def package_imports(name):
-    """Modules of the package that `name` imports (`from .x import`, `from . import x`)."""
-    path, found = PACKAGE / f"{name}.py", []
+    """Modules of the package that `name` imports. Of the command-line modules, only the
+    imports every `neuronmap` call runs: following those of each subcommand (cmd_* and its
+    _helpers) would make every rule depend on every module."""
+    path = PACKAGE / f"{name}.py"
     if not path.is_file():
-        return found  # a misspelt module: Snakemake reports the missing input file
-    for node in ast.walk(ast.parse(path.read_text())):
+        return []  # a misspelt module: Snakemake reports the missing input file
+    body = ast.parse(path.read_text()).body
+    if name in command_modules():
+        body = [node for node in body if not is_subcommand_code(node)]
+    found = relative_imports(ast.Module(body, []))
+    return [module for module in found if (PACKAGE / f"{module}.py").is_file()]
+
+
+@functools.cache
+def command_modules():
+    """cli and the modules its build_parser imports to register more subcommands."""
+    body = ast.parse((PACKAGE / "cli.py").read_text()).body
+    parser = [node for node in body if getattr(node, "name", "") == "build_parser"]
+    return {"cli", *relative_imports(ast.Module(parser, []))}
+
+
+def is_subcommand_code(node):
+    name = getattr(node, "name", "")
+    return isinstance(node, ast.FunctionDef) and name.startswith(("cmd_", "_"))
+
+
+def relative_imports(tree):
+    """`from .x import ...` and `from . import x` anywhere in the tree."""
+    found = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found += [node.module] if node.module else [a.name for a in node.names]
-    return [module for module in found if (PACKAGE / f"{module}.py").is_file()]
+    return found
 
 
 def relation_file(wildcards):

@@ -30,7 +30,9 @@ rule stats_block:
 rule stats:
     input:
         prompts=f"{RUN}/prompts.parquet",
-        blocks=expand(f"{RUN}/expertise/blocks/block-{{block}}.parquet", block=STATS_BLOCKS),
+        blocks=expand(
+            f"{RUN}/expertise/blocks/block-{{block}}.parquet", block=STATS_BLOCKS
+        ),
         code=package_files("expertise", "prompts"),
     output:
         expertise=f"{RUN}/expertise/{{relation}}.parquet",

@@ -23,10 +23,10 @@ def test_local_hugging_face_directory_is_referenced_not_copied(smollm2_dir, tmp_
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import GPT2Config
-    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(NeuronmapError, match="unsupported architecture 'gpt2'"):
-        prepare_model(str(tmp_path / "gpt2"), tmp_path / "out")
+    from transformers import BertConfig
+    BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2).save_pretrained(tmp_path / "bert")
+    with pytest.raises(NeuronmapError, match="unsupported architecture 'bert'"):
+        prepare_model(str(tmp_path / "bert"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

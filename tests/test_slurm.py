@@ -79,11 +79,12 @@ def job_stats(log: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(e2e_run, e2e_config, tmp_path_factory):
+def slurm_run(request, e2e_config, tmp_path_factory):
     """The e2e config under its own run name, every job submitted with sbatch."""
     problem = cluster_problem()
     if problem:
         pytest.skip(problem)
+    request.getfixturevalue("e2e_run")  # the local run first: the two share the machine's cores
     config = yaml.safe_load(e2e_config.read_text())
     config["run"] = f"{config['run']}-slurm"
     config_path = tmp_path_factory.mktemp("slurm") / "slurm.yaml"

@@ -56,7 +56,8 @@ class DeactivationValue:
 
     def __post_init__(self):
         if self.mode not in DEACTIVATION_VALUES:
-            raise NeuronmapError(f"ablation.value: unknown {self.mode!r} (choose from {', '.join(DEACTIVATION_VALUES)})")
+            raise NeuronmapError(
+                f"ablation.value: unknown {self.mode!r} (choose from {', '.join(DEACTIVATION_VALUES)})")
 
 
 def top_units(selected: pl.DataFrame, k: int) -> UnitSet:

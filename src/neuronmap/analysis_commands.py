@@ -71,20 +71,21 @@ def cmd_ablate(args) -> None:
                            summarize)
     from .architectures import MlpSites
     from .cli import _evaluation_settings, _load
+    from .deactivation import Deactivation
     from .errors import NeuronmapError
     from .parquet_io import read_table, write_table
-    from .perplexity import mean_nll, read_text
+    from .perplexity import mean_nll, perplexity_frame, read_text
     selected = read_table(args.units)
     baseline = read_table(args.baseline)
     prompts = _evaluation_prompts(args)
     value = DeactivationValue(args.value, args.clamp_value)
+    if value.mode == "mean" and not args.expertise:
+        raise NeuronmapError("ablation.value mean needs the relation's expertise table (--expertise)")
     model, tokenizer = _load(args)
     sites = MlpSites(model)
     widths = {site: sites.width(site) for site in selected["site"].unique()}
     negative_means = None
     if value.mode == "mean":
-        if not args.expertise:
-            raise NeuronmapError("ablation.value mean needs the relation's expertise table (--expertise)")
         expertise = read_table(args.expertise, ["site", "layer", "unit", "off_mean"])
         negative_means = off_means(expertise, {site: sites.width(site) for site in expertise["site"].unique()})
     plan = ablations_for(args.relation, selected, args.top_k, args.seeds, widths)
@@ -94,15 +95,8 @@ def cmd_ablate(args) -> None:
     source, translated = _split_languages(predictions, args.source_language)
 
     text = read_text(args.neutral_text, tokenizer, args.perplexity_max_tokens)
-    nll = mean_nll(model, text, [deactivation_for(BASELINE, value)] + configs)
-    perplexity = pl.DataFrame({
-        "ablated_relation": [a.ablated_relation for a in [BASELINE] + plan],
-        "k": [a.k for a in [BASELINE] + plan], "control": [a.control for a in [BASELINE] + plan],
-        "seed": [a.seed for a in [BASELINE] + plan], "tokens": [text.shape[1] - 1] * (len(plan) + 1),
-        "nll": nll}, schema_overrides={"ablated_relation": pl.String, "seed": pl.Int64, "k": pl.Int64}) \
-        .with_columns(perplexity=pl.col("nll").exp()) \
-        .with_columns(baseline_perplexity=pl.col("perplexity").first()) \
-        .with_columns(ratio=pl.col("perplexity") / pl.col("baseline_perplexity"))
+    perplexity = perplexity_frame([BASELINE] + plan, mean_nll(model, text, [Deactivation.constant({})] + configs),
+                                  tokens=text.shape[1] - 1)
     log.info("perplexity of %s (%d tokens): baseline %.3f; under ablation %s", args.neutral_text, text.shape[1],
              perplexity["perplexity"][0], perplexity["perplexity"][1:].round(3).to_list())
 

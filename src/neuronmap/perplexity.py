@@ -12,11 +12,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import polars as pl
 import torch
 import torch.nn.functional as F
 
-from .deactivation import Deactivation, RowDeactivation
+from . import schemas
 from .architectures import MlpSites
+from .deactivation import Deactivation, RowDeactivation
 from .errors import NeuronmapError
 
 # Bytes of float32 logits one forward pass may hold: bounds memory whatever the config count.
@@ -60,3 +62,16 @@ def mean_nll(model, input_ids: torch.Tensor, configs: Sequence[Deactivation]) ->
 
 def perplexity(nll: float) -> float:
     return math.exp(nll)
+
+
+def perplexity_frame(ablations: Sequence, nll: Sequence[float], tokens: int) -> pl.DataFrame:
+    """One row per ablation (the first one the baseline), with the ratio to the baseline."""
+    frame = pl.DataFrame({
+        "ablated_relation": [a.ablated_relation for a in ablations], "k": [a.k for a in ablations],
+        "control": [a.control for a in ablations], "seed": [a.seed for a in ablations],
+        "tokens": [tokens] * len(ablations), "nll": list(nll),
+    }, schema_overrides={"ablated_relation": pl.String, "k": pl.Int64, "seed": pl.Int64, "tokens": pl.Int64})
+    return frame.with_columns(perplexity=pl.col("nll").exp()) \
+        .with_columns(baseline_perplexity=pl.col("perplexity").first()) \
+        .with_columns(ratio=pl.col("perplexity") / pl.col("baseline_perplexity")) \
+        .select(schemas.PERPLEXITY.names)

@@ -110,8 +110,10 @@ def build_report(inputs: ReportInputs, config_json: str, out: str | Path, figure
 
     # ------------------------------------------------------------------ recall
     section("recall", "Recall per relation and cumulativity")
+    switched_off = {"zero": "set to 0", "mean": "set to their mean on negatives", "clamp": "clamped"}.get(
+        config.get("ablation", {}).get("value", "zero"), "switched off")
     page.add(note("Accuracy on each relation's held-out test prompts: the unmodified model, and with the "
-                  "relation's own top-k units (by AP) set to 0 against as many random units from the same "
+                  f"relation's own top-k units (by AP) {switched_off}, against as many random units from the same "
                   f"layers and sites (seeds {config['random_seeds']}; the band spans them)."))
     page.add(page.figure("baseline_accuracy", charts.baseline_chart(baseline), "baseline accuracy per relation"))
     page.add(page.figure("cumulativity", charts.cumulativity_chart(curve), "accuracy against k per relation"))

@@ -103,12 +103,15 @@ def language_chart(cells: pl.DataFrame) -> alt.FacetChart:
 
 def perplexity_chart(perplexity: pl.DataFrame) -> alt.LayerChart:
     """Perplexity of neutral text relative to the unmodified model, per ablation (1 = unchanged)."""
-    bars = perplexity.group_by("ablated_relation", "k", "control").agg(
+    ablated = perplexity.filter(pl.col("ablated_relation").is_not_null() & (pl.col("k") > 0))  # not the baseline row
+    bars = ablated.group_by("ablated_relation", "k", "control").agg(
         ratio=pl.col("ratio").mean(), perplexity=pl.col("perplexity").mean(),
         baseline_perplexity=pl.col("baseline_perplexity").first()).sort("ablated_relation", "k", "control")
-    bar = alt.Chart().mark_bar().encode(
+    # Dots, not bars: the ratios sit near 1, and the differences are what matters.
+    bar = alt.Chart().mark_point(filled=True, size=90).encode(
         x=alt.X("ablated_relation:N", title=None, axis=alt.Axis(labelAngle=-30)),
-        xOffset=alt.XOffset("control:N"), y=alt.Y("ratio:Q", title="perplexity / unmodified perplexity"),
+        xOffset=alt.XOffset("control:N"),
+        y=alt.Y("ratio:Q", title="perplexity / unmodified perplexity", scale=alt.Scale(zero=False)),
         color=alt.Color("control:N", scale=alt.Scale(domain=["top_k", "random"], range=["#d62728", "#7f7f7f"])),
         tooltip=["ablated_relation:N", "k:Q", "control:N", alt.Tooltip("ratio:Q", format=".3f"),
                  alt.Tooltip("perplexity:Q", format=".2f"), alt.Tooltip("baseline_perplexity:Q", format=".2f")])
