@@ -20,9 +20,9 @@ from polars.testing import assert_frame_equal
 
 from conftest import REPO
 
-# The tiny run took 7 to 9.5 minutes on a shared 2-core machine at load 8 (about what the local
-# run takes there: SLURM adds a Snakefile parse and a status poll per job); beyond this bound
-# something hangs, and the run is killed.
+# The tiny run (23 SLURM jobs) took 6.5 minutes on a 2-core machine at load 2-3, where the local
+# run takes 4 (SLURM adds a Snakefile parse and a status poll to each job), and 7 to 9.5 minutes
+# at load 8. Beyond this bound something hangs, and the run is killed.
 RUN_TIMEOUT = 900
 PROBE_TIMEOUT = 20
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
@@ -39,11 +39,11 @@ def cluster_problem() -> str | None:
             return f"{tool} not found: no SLURM here (CI starts a one-node cluster with .ci/start-slurm)"
     try:
         nodes = _probe("sinfo", "-h", "-N", "-o", "%N|%T|%G")
+        if nodes.returncode != 0 or not nodes.stdout.strip():
+            return f"no SLURM controller answers: {(nodes.stderr or nodes.stdout).strip()}"
         queue = _probe("squeue", "-h", "-o", "%i")
     except subprocess.TimeoutExpired:
         return f"the SLURM controller did not answer within {PROBE_TIMEOUT} s"
-    if nodes.returncode != 0 or not nodes.stdout.strip():
-        return f"no SLURM controller answers: {(nodes.stderr or nodes.stdout).strip()}"
     rows = [line.split("|") for line in nodes.stdout.split()]
     host = socket.gethostname().split(".")[0]
     if [row[0] for row in rows] != [host]:
@@ -85,7 +85,8 @@ def slurm_run(request, e2e_config, tmp_path_factory):
     problem = cluster_problem()
     if problem:
         pytest.skip(problem)
-    request.getfixturevalue("e2e_run")  # the local run first: the two share the machine's cores
+    # Only now the local run (a session fixture requested by a test would come before the skip).
+    local_run = request.getfixturevalue("e2e_run")
     config = yaml.safe_load(e2e_config.read_text())
     config["run"] = f"{config['run']}-slurm"
     config_path = tmp_path_factory.mktemp("slurm") / "slurm.yaml"
@@ -111,11 +112,11 @@ def slurm_run(request, e2e_config, tmp_path_factory):
         cancel_jobs_named(prefix)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"exit {result.returncode} (-9/137: killed after {RUN_TIMEOUT} s)\n{output[-6000:]}"
-    return run_dir, output
+    return run_dir, output, local_run
 
 
 def test_every_job_is_a_slurm_job(slurm_run):
-    run_dir, output = slurm_run
+    run_dir, output, _ = slurm_run
     planned = job_stats(output)
     submitted = [(int(job), int(slurm_id), Path(log)) for job, slurm_id, log in SUBMITTED.findall(output)]
     by_rule: dict[str, int] = {}
@@ -132,8 +133,8 @@ def test_every_job_is_a_slurm_job(slurm_run):
     assert by_rule.get("extract", 0) >= 2
 
 
-def test_each_extraction_job_sees_its_gpu(slurm_run, e2e_run):
-    run_dir, _ = slurm_run
+def test_each_extraction_job_sees_its_gpu(slurm_run):
+    run_dir, _, e2e_run = slurm_run
     logs = sorted((run_dir / "logs" / "extract").glob("*.log"))
     assert logs
     for log in logs:
@@ -146,8 +147,8 @@ def test_each_extraction_job_sees_its_gpu(slurm_run, e2e_run):
         assert local and not {"0", "1"} & {value for values in local for value in values}
 
 
-def test_outputs_equal_the_local_run(slurm_run, e2e_run):
-    run_dir, _ = slurm_run
+def test_outputs_equal_the_local_run(slurm_run):
+    run_dir, _, e2e_run = slurm_run
     local = sorted(p.relative_to(e2e_run) for p in e2e_run.rglob("*.parquet"))
     on_slurm = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*.parquet"))
     assert on_slurm == local and local

@@ -85,22 +85,18 @@ def deactivated(sites: MlpSites, units: Mapping[Point, Iterable[int]], value: fl
 
 
 class _PointMasks:
-    """The configurations' masks at one (site, layer), restricted to the columns any of them
-    touches, so a hook reads and writes only those columns."""
+    """Every configuration's mask at one (site, layer), over the columns any of them touches."""
 
-    def __init__(self, configs: Sequence[Deactivation], point: Point, device: torch.device):
-        columns = np.unique(np.concatenate([c.units.get(point, np.empty(0, np.int64)) for c in configs]))
-        mask = np.zeros((len(configs), columns.size), dtype=bool)
-        fill = np.zeros((len(configs), columns.size), dtype=np.float32)
+    def __init__(self, configs: Sequence[Deactivation], point: Point):
+        self.columns = np.unique(np.concatenate([c.units.get(point, np.empty(0, np.int64)) for c in configs]))
+        self.mask = np.zeros((len(configs), self.columns.size), dtype=bool)
+        self.fill = np.zeros((len(configs), self.columns.size), dtype=np.float32)
         for i, config in enumerate(configs):
             ids = config.units.get(point)
             if ids is not None:
-                where = np.searchsorted(columns, ids)
-                mask[i, where] = True
-                fill[i, where] = config.values[point]
-        self.columns = torch.from_numpy(columns).to(device)
-        self.mask = torch.from_numpy(mask).to(device)
-        self.fill = torch.from_numpy(fill).to(device)
+                where = np.searchsorted(self.columns, ids)
+                self.mask[i, where] = True
+                self.fill[i, where] = config.values[point]
 
 
 class RowDeactivation:
@@ -111,6 +107,9 @@ class RowDeactivation:
         with masks.installed():
             masks.set_rows([0, 0, 1, 1])   # before each forward pass or generate call
             model.generate(...)
+
+    set_rows prepares, per hook point, only what the configurations of those rows touch, so a
+    hook costs nothing where none of them masks a unit and reads and writes only their columns.
     """
 
     def __init__(self, sites: MlpSites, configs: Sequence[Deactivation], device: torch.device | str = "cpu"):
@@ -123,30 +122,48 @@ class RowDeactivation:
             width = sites.point(*point).width
             for config in self.configs:
                 _check_range(point, config.units.get(point, np.empty(0, np.int64)), width)
-            self.masks[point] = _PointMasks(self.configs, point, self.device)
-        self.rows: torch.Tensor | None = None
+            self.masks[point] = _PointMasks(self.configs, point)
+        self.rows: int | None = None
+        # point -> (columns, per-row mask [rows, columns] or None when every row masks every
+        # column, per-row values [rows, columns] or, with mask None, [columns])
+        self.active: dict[Point, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     def set_rows(self, rows: Sequence[int] | torch.Tensor) -> None:
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self.configs)):
+        rows = np.asarray(torch.as_tensor(rows, dtype=torch.long).cpu())
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= len(self.configs)):
             raise ValueError(f"set_rows: configuration index out of range (have {len(self.configs)})")
-        self.rows = rows.to(self.device)
+        present = np.unique(rows)
+        self.active = {}
+        for point, masks in self.masks.items():
+            used = masks.mask[present].any(0)
+            if not used.any():
+                continue
+            mask, fill = masks.mask[rows][:, used], masks.fill[rows][:, used]
+            columns = torch.from_numpy(masks.columns[used]).to(self.device)
+            if mask.all() and (fill == fill[:1]).all():  # one configuration's set for every row
+                self.active[point] = (columns, None, torch.from_numpy(fill[0]).to(self.device))
+            else:
+                self.active[point] = (columns, torch.from_numpy(mask).to(self.device),
+                                      torch.from_numpy(fill).to(self.device))
+        self.rows = int(rows.size)
 
     def _hook(self, point: Point, is_input: bool):
-        masks = self.masks[point]
-
         def write(module, args, output=None):
             x = args[0] if is_input else output
-            rows = self.rows
-            if rows is None or rows.shape[0] != x.shape[0]:
-                raise RuntimeError(f"RowDeactivation: batch of {x.shape[0]} rows but "
-                                   f"{None if rows is None else rows.shape[0]} row configurations set")
-            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (masks.columns.numel(),)
-            mask = masks.mask[rows].view(shape)
-            fill = masks.fill[rows].to(x.dtype).view(shape)
-            touched = x.index_select(-1, masks.columns)
-            # In place: the tensor is this layer's own temporary; untouched rows are copied back as is.
-            x.index_copy_(-1, masks.columns, torch.where(mask, fill, touched))
+            if self.rows != x.shape[0]:
+                raise RuntimeError(f"RowDeactivation: batch of {x.shape[0]} rows but {self.rows} row "
+                                   f"configurations set")
+            entry = self.active.get(point)
+            if entry is None:
+                return None
+            columns, mask, fill = entry
+            # In place: the tensor is this layer's own temporary; unmasked entries stay as they are.
+            if mask is None:
+                x[..., columns] = fill.to(x.dtype)
+            else:
+                shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (columns.numel(),)
+                touched = x.index_select(-1, columns)
+                x.index_copy_(-1, columns, torch.where(mask.view(shape), fill.to(x.dtype).view(shape), touched))
             return None
         return write
 
@@ -161,4 +178,4 @@ class RowDeactivation:
         finally:
             for handle in handles:
                 handle.remove()
-            self.rows = None
+            self.rows, self.active = None, {}
