@@ -126,6 +126,7 @@ rule ablate:
         "--relation {wildcards.relation} --top-k {params.top_k} --seeds {params.seeds} "
         "--value {params.ablation[value]} --clamp-value {params.ablation[clamp_value]} "
         "--configs-per-batch {params.ablation[configs_per_batch]} "
+        "--random-eval {params.ablation[random_eval]} "
         "--neutral-text {input.text:q} --perplexity-max-tokens {params.max_tokens} "
         "--max-new-tokens {params.evaluation[max_new_tokens]} --match {params.evaluation[match]} "
         "--case-sensitive {params.evaluation[case_sensitive]} --batch-size {params.batch_size} "

@@ -66,7 +66,9 @@ def test_baseline_and_mean_valued_sweep(smollm2_dir, inputs):
     assert french.height == 4 * 3 and set(french["language"]) == {"fr"}  # 4 configurations x 3 prompts
     assert all(pid.startswith("fr:") for pid in french["prompt_id"])
     summary = pl.read_parquet(inputs / "summary.parquet")
-    assert summary.height == 2 * 2 * len(NAMES) and set(summary["control"]) == {"top_k", "random"}
+    # top-k on both relations, the random control (seed 1) on the ablated relation's own prompts
+    assert summary.height == 2 * (len(NAMES) + 1) and set(summary["control"]) == {"top_k", "random"}
+    assert set(summary.filter(pl.col("control") == "random")["eval_relation"]) == {"country_capital_city"}
     perplexity = pl.read_parquet(inputs / "perplexity.parquet")
     assert perplexity["control"].to_list() == ["none", "top_k", "random", "top_k", "random"]
     assert perplexity["tokens"].to_list() == [63] * 5 and perplexity["ratio"][0] == 1.0

@@ -5,8 +5,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from neuronmap.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate, evaluate_sweep,
-                                off_means)
+from neuronmap import ablation as ablation_module
+from neuronmap.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate, evaluate_plan,
+                                evaluate_sweep, off_means)
 from neuronmap.errors import NeuronmapError
 from neuronmap.evaluation import EvaluationSettings
 from neuronmap.prompts import PromptSettings, build_prompts
@@ -74,3 +75,22 @@ def test_mean_value_uses_each_units_off_mean():
         deactivation_for(Ablation("r", 1, "top_k", None, {("gate", 0): [2]}), DeactivationValue("mean"), means)
     with pytest.raises(NeuronmapError, match="ablation.value: unknown 'half'"):
         DeactivationValue("half")
+
+
+@pytest.mark.parametrize("random_eval, random_prompts", [("own", 2), ("all", 4)])
+def test_random_controls_are_evaluated_on_own_prompts_or_all(monkeypatch, random_eval, random_prompts):
+    calls = []
+
+    def fake_sweep(model, tokenizer, prompts, ablations, configs, settings, configs_per_batch):
+        calls.append(([a.control for a in ablations], prompts["relation"].to_list()))
+        return pl.DataFrame({"control": [a.control for a in ablations for _ in range(prompts.height)]})
+    monkeypatch.setattr(ablation_module, "evaluate_sweep", fake_sweep)
+    prompts = pl.DataFrame({"relation": ["r", "s", "r", "s"], "language": ["en", "en", "fr", "en"]})
+    plan = [Ablation("r", 5, "top_k", None, {}), Ablation("r", 5, "random", 1, {}), Ablation("r", 5, "random", 2, {})]
+    frame = evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings(), 4, random_eval)
+    assert frame.filter(pl.col("control") == "top_k").height == 4
+    assert frame.filter(pl.col("control") == "random").height == 2 * random_prompts
+    if random_eval == "own":
+        assert calls == [(["top_k"], ["r", "s", "r", "s"]), (["random", "random"], ["r", "r"])]
+    with pytest.raises(NeuronmapError, match="ablation.random_eval: unknown 'some'"):
+        evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings(), 4, "some")

@@ -87,7 +87,8 @@ def test_expertise_is_auditable_against_sklearn(run):
 
 def test_ablation_covers_every_configuration(run):
     summary = pl.read_parquet(run / "ablation" / "verb_past_tense.parquet")
-    assert summary.height == 2 * 3 * len(RELATIONS)  # k in [20, 200] x (top_k, random seeds 1, 2) x relations
+    # k in [20, 200] x (top_k on every relation + random seeds 1, 2 on the relation's own prompts)
+    assert summary.height == 2 * (len(RELATIONS) + 2)
     baseline = pl.read_parquet(run / "evaluation" / "baseline.parquet")
     assert baseline.height == summary.filter((pl.col("k") == 20) & (pl.col("control") == "top_k"))["n"].sum()
     assert 0.3 < baseline["correct"].mean() <= 1.0  # the embedded model does know these relations
@@ -131,11 +132,13 @@ def test_significance_pairs_every_configuration_with_the_baseline(run):
     flips = predictions.group_by(key).agg(lost=(pl.col("base") & ~pl.col("correct")).sum(),
                                           gained=(~pl.col("base") & pl.col("correct")).sum())
     mine = significance.filter(pl.col("ablated_relation") == "verb_past_tense").join(flips, on=key, nulls_equal=True)
-    assert mine.height == 2 * 3 * len(RELATIONS)
+    assert mine.height == 2 * (len(RELATIONS) + 2)
     assert (mine["lost"] == mine["lost_right"]).all() and (mine["gained"] == mine["gained_right"]).all()
     assert ((mine["ci_low"] <= mine["difference"]) & (mine["difference"] <= mine["ci_high"])).all()
     sweep = pl.read_parquet(run / "sweep.parquet")
-    assert sweep.height == len(RELATIONS) ** 2 * 2 and (sweep["random_seeds"] == 2).all()
+    assert sweep.height == len(RELATIONS) ** 2 * 2
+    own = pl.col("ablated_relation") == pl.col("eval_relation")
+    assert (sweep.filter(own)["random_seeds"] == 2).all() and (sweep.filter(~own)["random_seeds"] == 0).all()
 
 
 def test_languages_and_perplexity(run):
@@ -143,7 +146,8 @@ def test_languages_and_perplexity(run):
     assert set(translated["language"]) == {"fr"} and set(translated["eval_relation"]) == {"country_capital_city"}
     assert translated.height == 12  # half of the 24 translated facts
     languages = pl.read_parquet(run / "languages.parquet")
-    assert languages.height == len(RELATIONS) * 2 * 3  # ablated relations x k x (top_k + 2 random)
+    # French prompts are country_capital_city's: every top-k ablation, random controls of its own
+    assert languages.height == len(RELATIONS) * 2 + 2 * 2
     perplexity = pl.read_parquet(run / "perplexity.parquet")
     assert perplexity.filter(pl.col("control") == "none").height == 1
     assert perplexity.height == 1 + len(RELATIONS) * 2 * 3

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 UnitSet = dict[tuple[str, int], list[int]]
 DEACTIVATION_VALUES = ("zero", "mean", "clamp")
+RANDOM_EVALS = ("own", "all")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,30 @@ def evaluate_sweep(model, tokenizer, prompts: pl.DataFrame, ablations: Sequence[
     for ablation, frame in zip(ablations, frames):
         log.info("%s: accuracy %.3f over %d prompts", ablation.describe(), frame["correct"].mean(), frame.height)
     return pl.concat(frames)
+
+
+def evaluate_plan(model, tokenizer, prompts: pl.DataFrame, ablations: Sequence[Ablation],
+                  configs: Sequence[Deactivation], settings: EvaluationSettings, configs_per_batch: int,
+                  random_eval: str = "own") -> pl.DataFrame:
+    """A relation's sweep: top-k ablations on every prompt; random controls on every prompt
+    (random_eval "all") or only on the ablated relation's own prompts ("own", in every
+    language), which is what they control for and a fraction of the cost."""
+    if random_eval not in RANDOM_EVALS:
+        raise NeuronmapError(
+            f"ablation.random_eval: unknown {random_eval!r} (choose from {', '.join(RANDOM_EVALS)})")
+    everywhere = [i for i, a in enumerate(ablations) if a.control != "random" or random_eval == "all"]
+    own_only = [i for i in range(len(ablations)) if i not in everywhere]
+    frames = []
+    if everywhere:
+        frames.append(evaluate_sweep(model, tokenizer, prompts, [ablations[i] for i in everywhere],
+                                     [configs[i] for i in everywhere], settings, configs_per_batch))
+    for relation in sorted({ablations[i].ablated_relation for i in own_only}):
+        chosen = [i for i in own_only if ablations[i].ablated_relation == relation]
+        own = prompts.filter(pl.col("relation") == relation)
+        if own.height:
+            frames.append(evaluate_sweep(model, tokenizer, own, [ablations[i] for i in chosen],
+                                         [configs[i] for i in chosen], settings, configs_per_batch))
+    return pl.concat(frames) if frames else prediction_frame(BASELINE, prompts.clear(), [], settings)
 
 
 def summarize(predictions: pl.DataFrame, baseline: pl.DataFrame) -> pl.DataFrame:

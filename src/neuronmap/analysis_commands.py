@@ -67,7 +67,7 @@ def cmd_baseline(args) -> None:
 def cmd_ablate(args) -> None:
     import polars as pl
     from . import schemas
-    from .ablation import (BASELINE, DeactivationValue, ablations_for, deactivation_for, evaluate_sweep, off_means,
+    from .ablation import (BASELINE, DeactivationValue, ablations_for, deactivation_for, evaluate_plan, off_means,
                            summarize)
     from .architectures import MlpSites
     from .cli import _evaluation_settings, _load
@@ -91,7 +91,8 @@ def cmd_ablate(args) -> None:
     plan = ablations_for(args.relation, selected, args.top_k, args.seeds, widths)
     configs = [deactivation_for(a, value, negative_means) for a in plan]
     settings = _evaluation_settings(args)
-    predictions = evaluate_sweep(model, tokenizer, prompts, plan, configs, settings, args.configs_per_batch)
+    predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings, args.configs_per_batch,
+                                args.random_eval)
     source, translated = _split_languages(predictions, args.source_language)
 
     text = read_text(args.neutral_text, tokenizer, args.perplexity_max_tokens)
@@ -211,6 +212,8 @@ def add_commands(sub, model_args, evaluation_args, parse_bool) -> None:
     p.add_argument("--clamp-value", type=float, default=0.0)
     p.add_argument("--configs-per-batch", type=int, default=12,
                    help="configurations sharing a forward batch (rows = batch size x this)")
+    p.add_argument("--random-eval", choices=["own", "all"], default="own",
+                   help="random controls on the ablated relation's own prompts only, or on every relation's")
     p.add_argument("--neutral-text", required=True)
     p.add_argument("--perplexity-max-tokens", type=int, default=512)
     p.add_argument("--out-summary", required=True)
