@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
+from neuronmap.host_memory import return_large_buffers_to_the_os  # noqa: E402
 from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings  # noqa: E402
 from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
 from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
@@ -127,17 +128,28 @@ def time_transformer_lens(model, tokenizer, batches):
 
 
 def rss_child(n: int) -> None:
+    return_large_buffers_to_the_os()  # as the neuronmap command does before loading the model
     model, tokenizer = load_model(model_dir(), "cpu", "float32")
     prompts = identification_prompts(n)
     with tempfile.TemporaryDirectory() as tmp:
         time_neuronmap(model, tokenizer, prompts, Path(tmp))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(high_water_mark_mb())
 
 
-def peak_rss(n: int) -> float:
-    result = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+def high_water_mark_mb() -> float:
+    """This process's peak RSS. Not ru_maxrss: that survives exec, so a child started by this
+    (large) parent would report the parent's size."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def peak_rss(n: int, repeats: int) -> float:
+    """Median over `repeats` fresh processes: glibc's and oneDNN's caches make one run noisy."""
+    def one() -> float:
+        result = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+        return float(result.stdout.strip().splitlines()[-1])
+    return statistics.median(one() for _ in range(repeats))
 
 
 def main() -> None:
@@ -166,7 +178,7 @@ def main() -> None:
                 if seconds is not None:
                     times[name].append(seconds)
     medians = {name: statistics.median(v) for name, v in times.items() if v}
-    rss_1x, rss_8x = peak_rss(args.rss_prompts), peak_rss(8 * args.rss_prompts)
+    rss_1x, rss_8x = peak_rss(args.rss_prompts, args.repeats), peak_rss(8 * args.rss_prompts, args.repeats)
     figures = {"prompts": args.prompts, "batches": len(batches), "tokens": tokens, "repeats": args.repeats,
                "threads": torch.get_num_threads(), "seconds": medians,
                "ratio_to_floor": {k: v / medians["floor"] for k, v in medians.items()},

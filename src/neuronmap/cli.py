@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import NeuronmapError
+from .host_memory import return_large_buffers_to_the_os
 
 log = logging.getLogger("neuronmap")
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
+    return_large_buffers_to_the_os()
     try:
         args.func(args)
     except NeuronmapError as exc:

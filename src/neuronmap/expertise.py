@@ -7,8 +7,13 @@ that order for every relation. Reduce: a relation job ranks the units of all blo
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -22,10 +27,11 @@ from .responses import ResponseReader
 log = logging.getLogger(__name__)
 
 # Unit x prompt x relation cells scored at once: bounds a block job's memory whatever the
-# model's width, and keeps the working set near the CPU caches.
+# model's width. The kernel reads its counts in scattered order, so it is fastest while each
+# thread's share of a chunk (about 175 units of 1000 prompts and 12 relations) stays in cache.
 CHUNK_CELLS = 1 << 22
-_SHIFT = 16
-_LOW = (1 << _SHIFT) - 1
+# Fewer units than this per thread cost more in hand-offs than the thread saves.
+_MIN_UNITS_PER_THREAD = 32
 
 
 def average_precision_many(scores: torch.Tensor, positive: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
@@ -41,33 +47,158 @@ def average_precision_many(scores: torch.Tensor, positive: torch.Tensor, include
 
 
 def _ap_units_major(scores: torch.Tensor, positive: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
-    units, n = scores.shape
-    if n >= 1 << _SHIFT:
-        raise ValueError(f"average_precision: at most {(1 << _SHIFT) - 1} prompts per block")
-    hits = positive & included
-    if bool((hits.sum(1) > 1).any()):
+    packed = _pack_counts(positive, included)
+    blocks = _row_blocks(scores.shape[0])
+    if len(blocks) == 1:
+        return torch.from_numpy(_ap_rows(scores, packed))
+    parts = _pool(len(blocks)).map(lambda rows: _ap_rows(scores[rows], packed), blocks)
+    return torch.from_numpy(np.concatenate(list(parts), axis=1))
+
+
+class _Field(NamedTuple):
+    """Where one relation's two running counts sit in the packed words. uint64 scalars: numpy
+    1.x turns a uint64 array shifted by a Python int into float64."""
+    word: int
+    positives_shift: np.uint64
+    positives_mask: np.uint64
+    retrieved_shift: np.uint64
+    retrieved_mask: np.uint64
+
+
+class _PackedCounts(NamedTuple):
+    """Each prompt's contribution to every relation's two running counts (its positives and
+    its included prompts) as bit fields of a few uint64 words, so that one cumsum per word
+    counts every relation. A field is as wide as its relation's total needs, so none carries
+    into the next. Prompts get new labels that put each relation's positives side by side."""
+    label: np.ndarray       # [n] int32: each prompt's new label
+    words: np.ndarray       # [W, n] uint64, by new label
+    fields: list[_Field]    # per relation
+    bounds: np.ndarray      # [R + 1]: relation r's positives are labels bounds[r]:bounds[r + 1]
+    word_of: np.ndarray     # [n] int64, by new label: the word of the relation it is a positive of
+    n_positive: np.ndarray  # [R]
+
+
+def _pack_counts(positive: torch.Tensor, included: torch.Tensor) -> _PackedCounts:
+    # Every chunk of a block has the same labels: pack them once.
+    return _pack_counts_of(positive.bool().numpy().tobytes(), included.bool().numpy().tobytes(),
+                           tuple(positive.shape))
+
+
+@functools.lru_cache(maxsize=4)
+def _pack_counts_of(positive: bytes, included: bytes, shape: tuple[int, int]) -> _PackedCounts:
+    included = np.frombuffer(included, bool).reshape(shape)
+    hits = np.frombuffer(positive, bool).reshape(shape) & included
+    if (hits.sum(1) > 1).any():
         raise ValueError("average_precision_many: a prompt may be a positive of one labeling only")
-    n_positive = hits.sum(0).to(torch.float64)
-    if bool((n_positive == 0).any()):
+    n_positive = hits.sum(0)
+    if (n_positive == 0).any():
         raise ValueError("average_precision: a labeling has no positive")
-    relations = hits.shape[1]
-    # Both running counts of a relation in one int32: positives above bit 16, included below,
-    # so one gather and one cumsum serve both.
-    code = hits.to(torch.int32) * (1 << _SHIFT) + included.to(torch.int32)        # [n, R]
-    owner = torch.where(hits.any(1), hits.to(torch.int8).argmax(1), -1)           # [n] relation a prompt is a positive of
-    sorted_scores, order = torch.sort(scores, dim=1, descending=True)
-    ascending = sorted_scores.neg_()
-    group_end = torch.searchsorted(ascending, ascending, right=True).sub_(1)       # [units, n] end of each tie group
-    running = code[order].cumsum(1, dtype=torch.int32).view(units, n * relations)  # [units, n * R]
-    # Precision is needed only where a positive sits: at its tie group's end, for its own relation.
-    sorted_owner = owner[order]                                                   # [units, n]
-    is_positive = sorted_owner >= 0
-    sorted_owner.clamp_(min=0)
-    at_end = running.gather(1, group_end.mul_(relations).add_(sorted_owner))
-    precision = (at_end >> _SHIFT).to(torch.float32).div_((at_end & _LOW).to(torch.float32).clamp_(min=1))
-    precision.mul_(is_positive)
-    total = torch.zeros(units, relations, dtype=torch.float64).scatter_add_(1, sorted_owner, precision.double())
-    return (total / n_positive).T
+    n, relations = shape
+    owner = np.where(hits.any(1), hits.argmax(1), relations)
+    by_label = np.argsort(owner, kind="stable")
+    label = np.empty(n, np.int32)
+    label[by_label] = np.arange(n, dtype=np.int32)
+    fields = _field_layout(n_positive, included.sum(0))
+    words = np.zeros((fields[-1].word + 1, n), np.uint64)
+    for r, field in enumerate(fields):
+        words[field.word] |= hits[by_label, r].astype(np.uint64) << field.positives_shift
+        words[field.word] |= included[by_label, r].astype(np.uint64) << field.retrieved_shift
+    word_of = np.zeros(n, np.int64)
+    word_of[:n_positive.sum()] = np.repeat([field.word for field in fields], n_positive)
+    return _PackedCounts(label, words, fields, np.concatenate([[0], np.cumsum(n_positive)]), word_of, n_positive)
+
+
+def _field_layout(n_positive: np.ndarray, n_included: np.ndarray) -> list[_Field]:
+    fields, word, used = [], -1, 64
+    for positives, retrieved in zip(n_positive, n_included):
+        positives_bits, retrieved_bits = int(positives).bit_length(), int(retrieved).bit_length()
+        if used + positives_bits + retrieved_bits > 64:
+            word, used = word + 1, 0
+        fields.append(_Field(word, np.uint64(used + retrieved_bits), np.uint64((1 << positives_bits) - 1),
+                             np.uint64(used), np.uint64((1 << retrieved_bits) - 1)))
+        used += positives_bits + retrieved_bits
+    return fields
+
+
+def _ap_rows(scores: torch.Tensor, packed: _PackedCounts) -> np.ndarray:
+    """[R, units] AP of a block of units-major scores."""
+    units, n = scores.shape
+    pairs = _sorted_prompts(scores, packed.label)
+    ends = _tie_group_ends(pairs[..., _KEY])
+    order = pairs[..., _LABEL].astype(np.int64)
+    running = packed.words.take(order.ravel(), axis=1).reshape(-1, n)  # [W * units, n]
+    np.cumsum(running, axis=1, out=running)
+    # Back to label order: each prompt's counts where its tie group ends, read in the word of
+    # its own relation (the only one whose precision it adds to).
+    order += np.arange(0, units * n, n)[:, None]
+    read_at = np.empty((units, n), np.int64)
+    read_at.ravel()[order.ravel()] = ends
+    read_at += packed.word_of * (units * n)
+    counts = running.ravel().take(read_at)
+    ap = np.empty((len(packed.fields), units))
+    for r, field in enumerate(packed.fields):
+        mine = counts[:, packed.bounds[r]:packed.bounds[r + 1]]
+        positives = (mine >> field.positives_shift) & field.positives_mask
+        retrieved = (mine >> field.retrieved_shift) & field.retrieved_mask
+        ap[r] = (positives / retrieved).sum(1) / packed.n_positive[r]
+    return ap
+
+
+# A (label, score key) pair of int32s sorts as one int64 with the key in its high half.
+_LABEL, _KEY = (0, 1) if sys.byteorder == "little" else (1, 0)
+
+
+def _sorted_prompts(scores: torch.Tensor, label: np.ndarray) -> np.ndarray:
+    """Each unit's prompts by descending score, as [units, n, 2] int32 pairs (see _LABEL, _KEY).
+    Sorting the pairs as int64s is several times faster than an argsort of the scores."""
+    units, n = scores.shape
+    pairs = np.empty((units, n, 2), np.int32)
+    _descending_key(scores, out=pairs[..., _KEY])
+    pairs[..., _LABEL] = label
+    pairs.view(np.int64).reshape(units, n).sort(axis=1)
+    return pairs
+
+
+def _descending_key(scores: torch.Tensor, out: np.ndarray) -> None:
+    """int32 keys that order as the scores do, reversed, and tie exactly where they tie."""
+    if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):  # exact in float32
+        # 0 - x rather than -x: -0.0 and 0.0 must tie.
+        bits = np.subtract(np.float32(0), scores.detach().float().numpy()).view(np.int32)
+        # Sign-magnitude float bits to two's complement order: flip the magnitude of negatives.
+        np.right_shift(bits, 31, out=out)
+        out &= 0x7FFFFFFF
+        out ^= bits
+    else:
+        _, rank = torch.unique(scores.detach(), return_inverse=True)
+        out[...] = rank.neg().numpy()
+
+
+def _tie_group_ends(keys: np.ndarray) -> np.ndarray:
+    """Flat position, for each sorted prompt, of the last prompt of its tie group."""
+    units, n = keys.shape
+    last = np.empty((units, n), bool)
+    np.not_equal(keys[:, :-1], keys[:, 1:], out=last[:, :-1])
+    last[:, -1] = True
+    last = last.ravel()
+    group = np.cumsum(last)
+    group -= last
+    return np.flatnonzero(last).take(group)
+
+
+def _row_blocks(units: int) -> list[slice]:
+    """One block of units per torch thread: numpy lets go of the GIL in the kernel's sorts,
+    gathers and cumsums, so the blocks run in parallel."""
+    count = max(1, min(torch.get_num_threads(), units // _MIN_UNITS_PER_THREAD))
+    bounds = np.linspace(0, units, count + 1).astype(int)
+    return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="average-precision")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the threads
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -71,13 +71,18 @@ class BatchObservation:
 
 
 def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], top_n: int,
-            active_threshold: float, floor: torch.Tensor | None) -> BatchObservation:
+            active_threshold: float, floor: torch.Tensor | None,
+            scratch: torch.Tensor | None = None) -> BatchObservation:
     """Pool and summarize one site's [B, T, n] activations; `floor` is each unit's current
-    N-th best peak (only batch peaks above it need their token position)."""
+    N-th best peak (only batch peaks above it need their token position). `scratch`, a float32
+    [B * T, n] buffer, is reused by every site of that width instead of a fresh allocation
+    per statistic."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     n = x.shape[-1]
     batch, tokens = x.shape[0], x.shape[1]
     flat = x.reshape(batch * tokens, n)
+    if scratch is None or scratch.shape != flat.shape:
+        scratch = torch.empty_like(flat)
     maxima = mask.masked_extreme(x, largest=True)
     minima = mask.masked_extreme(x, largest=False)
     pooled = {}
@@ -90,10 +95,12 @@ def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], top_n: in
             pooled[pooling] = x[torch.arange(batch, device=x.device), mask.lengths - 1]
         else:
             raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
+    # Sums over valid tokens as matrix-vector products; each indicator is written straight
+    # into the scratch buffer as 0/1 floats (no bool tensor, no cast, no allocation).
     total = (mask.flat @ flat).squeeze(0).double()
-    total_sq = (mask.flat @ flat.square()).squeeze(0).double()
-    positive = (mask.flat @ (flat > 0).float()).squeeze(0)
-    active = (mask.flat @ (flat.abs() > active_threshold).float()).squeeze(0)
+    total_sq = (mask.flat @ torch.square(flat, out=scratch)).squeeze(0).double()
+    positive = (mask.flat @ torch.gt(flat, 0, out=scratch)).squeeze(0)
+    active = (mask.flat @ torch.gt(torch.abs(flat, out=scratch), active_threshold, out=scratch)).squeeze(0)
 
     k = min(top_n, batch)
     top_values, top_rows = torch.topk(maxima, k, dim=0)
@@ -120,6 +127,7 @@ class SiteRecorder:
         self.top_n = top_n
         self.active_threshold = active_threshold
         self.mask: TokenMask | None = None
+        self.scratch: dict[tuple, torch.Tensor] = {}
         self.floors: dict[tuple[str, int], torch.Tensor] = {}
         self.observations: dict[tuple[str, int], BatchObservation] = {}
 
@@ -130,7 +138,7 @@ class SiteRecorder:
                 x = x.view(*self.mask.valid.shape, -1)
             self.observations[(site, layer)] = observe(
                 x, self.mask, self.poolings, max(self.top_n, 1), self.active_threshold,
-                self.floors.get((site, layer)))
+                self.floors.get((site, layer)), self._scratch(x))
         return read
 
     @contextlib.contextmanager
@@ -151,6 +159,13 @@ class SiteRecorder:
     def start_batch(self, mask: TokenMask) -> None:
         self.mask = mask
         self.observations = {}
+        self.scratch = {}  # float32 [B * T, width] per width, shared by the batch's sites
+
+    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[0] * x.shape[1], x.shape[-1], x.device)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(key[:2], device=x.device)
+        return self.scratch[key]
 
     def pooled_to_host(self, dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], torch.Tensor]:
         """One device-to-host copy per (pooling, site): [layers, batch, units] tensors."""
