@@ -34,6 +34,7 @@ rule extract:
         top_n=config["top_activations"],
         active_threshold=config["active_threshold"],
         include_bos=config["include_bos"],
+        fused_statistics=config["fused_statistics"],
         device=config["device"],
         dtype=config["dtype"],
         trust=trust_flag(),
@@ -43,7 +44,7 @@ rule extract:
         "--poolings {params.poolings} --batch-size {params.batch_size} "
         "--batch-tokens {params.batch_tokens} --response-dtype {params.response_dtype} "
         "--top-n {params.top_n} --active-threshold {params.active_threshold} "
-        "--include-bos {params.include_bos} --device {params.device} --dtype {params.dtype} "
+        "--include-bos {params.include_bos} --fused-statistics {params.fused_statistics} --device {params.device} --dtype {params.dtype} "
         "{params.trust} --threads {threads} --out {output.responses} "
         "--out-stats {output.stats} --out-top {output.top} 2> {log}"
 

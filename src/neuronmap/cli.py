@@ -97,7 +97,8 @@ def cmd_extract(args) -> None:
     log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
     model, tokenizer = _load(args)
     settings = ExtractionSettings(tuple(args.sites), tuple(args.poolings), args.batch_size, args.batch_tokens,
-                                  args.response_dtype, args.top_n, args.active_threshold, args.include_bos)
+                                  args.response_dtype, args.top_n, args.active_threshold, args.include_bos,
+                                  args.fused_statistics)
     outputs = ExtractionOutputs(Path(args.out), Path(args.out_stats), Path(args.out_top))
     extract_shard(model, tokenizer, prompts, outputs, settings)
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=10, help="top-activating prompts kept per unit")
     p.add_argument("--active-threshold", type=float, default=0.05)
     p.add_argument("--include-bos", type=_bool, default=True)
+    p.add_argument("--fused-statistics", type=_bool, default=True,
+                   help="compute per-token statistics in one torch.compile'd kernel (falls back to eager)")
     p.add_argument("--out", required=True)
     p.add_argument("--out-stats", required=True)
     p.add_argument("--out-top", required=True)

@@ -34,6 +34,7 @@ class ExtractionSettings:
     top_n: int = 10
     active_threshold: float = 0.05
     include_bos: bool = True
+    fused_statistics: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Extraction:
         self.device = next(model.parameters()).device
         self.sites = MlpSites(model)
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.top_n,
-                                     settings.active_threshold)
+                                     settings.active_threshold, settings.fused_statistics)
         self.prompt_ids, self.texts = prompt_ids, texts
         self.token_ids = tokenizer(texts)["input_ids"]
         bos = tokenizer.bos_token_id
