@@ -128,7 +128,7 @@ def time_transformer_lens(model, tokenizer, batches):
 
 
 def rss_child(n: int) -> None:
-    return_large_buffers_to_the_os()  # as the neuronmap command does before loading the model
+    return_large_buffers_to_the_os()  # as `neuronmap extract` does before loading the model
     model, tokenizer = load_model(model_dir(), "cpu", "float32")
     prompts = identification_prompts(n)
     with tempfile.TemporaryDirectory() as tmp:

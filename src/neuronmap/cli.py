@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from .errors import NeuronmapError
-from .host_memory import return_large_buffers_to_the_os
 
 log = logging.getLogger("neuronmap")
 
@@ -95,6 +94,8 @@ def cmd_extract(args) -> None:
         raise NeuronmapError(f"{args.prompts}: no identification prompts for {args.relation} shard {args.shard}")
     # On a cluster, the scheduler's GPU assignment is the first thing to check in a job's log.
     log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    from .host_memory import return_large_buffers_to_the_os
+    return_large_buffers_to_the_os()  # before the model loads: its staging buffers count too
     model, tokenizer = _load(args)
     settings = ExtractionSettings(tuple(args.sites), tuple(args.poolings), args.batch_size, args.batch_tokens,
                                   args.response_dtype, args.top_n, args.active_threshold, args.include_bos,
@@ -287,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    return_large_buffers_to_the_os()
     try:
         args.func(args)
     except NeuronmapError as exc:
