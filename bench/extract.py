@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
-from neuronmap.host_memory import return_large_buffers_to_the_os  # noqa: E402
 from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings  # noqa: E402
+from neuronmap.host_memory import return_large_buffers_to_the_os  # noqa: E402
 from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
 from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
 from neuronmap.relations import find_relation_file, load_relation  # noqa: E402
@@ -128,7 +128,6 @@ def time_transformer_lens(model, tokenizer, batches):
 
 
 def rss_child(n: int) -> None:
-    return_large_buffers_to_the_os()  # as `neuronmap extract` does before loading the model
     model, tokenizer = load_model(model_dir(), "cpu", "float32")
     prompts = identification_prompts(n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,6 +158,7 @@ def main() -> None:
     parser.add_argument("--rss-prompts", type=int, default=64)
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    return_large_buffers_to_the_os()  # as `neuronmap extract` does before loading the model
     if args.rss_child:
         return rss_child(args.rss_child)
 

@@ -16,7 +16,6 @@ from .architectures import MlpSites
 from .batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
 from .errors import NeuronmapError
 from .hooks import SiteRecorder, TokenMask
-from .host_memory import return_large_buffers_to_the_os
 from .neuron_stats import UnitStats, partial_table, top_table
 from .parquet_io import atomic_path, write_table
 from .responses import ResponseWriter
@@ -54,7 +53,6 @@ class Extraction:
 
     def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        return_large_buffers_to_the_os()
         self.device = next(model.parameters()).device
         self.sites = MlpSites(model)
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.top_n,

@@ -111,12 +111,10 @@ def fused_token_statistics(x: torch.Tensor, valid: torch.Tensor, active_threshol
 
 
 def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], top_n: int,
-            active_threshold: float, floor: torch.Tensor | None,
-            scratch: torch.Tensor | None = None, fused: bool = False) -> BatchObservation:
+            active_threshold: float, floor: torch.Tensor | None, fused: bool = False) -> BatchObservation:
     """Pool and summarize one site's [B, T, n] activations; `floor` is each unit's current
     N-th best peak (only batch peaks above it need their token position). With `fused`, the
-    per-token statistics come from one compiled kernel; otherwise pass by pass, `scratch` (a
-    float32 [B * T, n] buffer) reused by every site of that width."""
+    per-token statistics come from one compiled kernel; otherwise pass by pass."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     n = x.shape[-1]
     batch, tokens = x.shape[0], x.shape[1]
@@ -128,10 +126,9 @@ def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], top_n: in
     else:
         maxima = mask.masked_extreme(x, largest=True)
         minima = mask.masked_extreme(x, largest=False)
-        if scratch is None or scratch.shape != flat.shape:
-            scratch = torch.empty_like(flat)
+        scratch = torch.empty_like(flat)
         # Sums over valid tokens as matrix-vector products; each indicator is written straight
-        # into the scratch buffer as 0/1 floats (no bool tensor, no cast, no allocation).
+        # into one scratch buffer as 0/1 floats (no bool tensor, no cast, one allocation).
         total = (mask.flat @ flat).squeeze(0).double()
         total_sq = (mask.flat @ torch.square(flat, out=scratch)).squeeze(0).double()
         positive = (mask.flat @ torch.gt(flat, 0, out=scratch)).squeeze(0)
@@ -173,7 +170,6 @@ class SiteRecorder:
         self.top_n = top_n
         self.active_threshold = active_threshold
         self.mask: TokenMask | None = None
-        self.scratch: dict[tuple, torch.Tensor] = {}
         self.floors: dict[tuple[str, int], torch.Tensor] = {}
         self.observations: dict[tuple[str, int], BatchObservation] = {}
 
@@ -184,7 +180,7 @@ class SiteRecorder:
                 x = x.view(*self.mask.valid.shape, -1)
             self.observations[(site, layer)] = observe(
                 x, self.mask, self.poolings, max(self.top_n, 1), self.active_threshold,
-                self.floors.get((site, layer)), None if self.fused else self._scratch(x), self.fused)
+                self.floors.get((site, layer)), self.fused)
         return read
 
     @contextlib.contextmanager
@@ -205,13 +201,6 @@ class SiteRecorder:
     def start_batch(self, mask: TokenMask) -> None:
         self.mask = mask
         self.observations = {}
-        self.scratch = {}  # float32 [B * T, width] per width, shared by the batch's sites
-
-    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.shape[0] * x.shape[1], x.shape[-1], x.device)
-        if key not in self.scratch:
-            self.scratch[key] = torch.empty(key[:2], device=x.device)
-        return self.scratch[key]
 
     def pooled_to_host(self, dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], torch.Tensor]:
         """One device-to-host copy per (pooling, site): [layers, batch, units] tensors."""
