@@ -10,6 +10,7 @@ rule extract:
             "batching",
             "responses",
             "model_loading",
+            "host_memory",
         ),
     output:
         responses=f"{RUN}/responses/{{relation}}/shard-{{shard}}.parquet",
