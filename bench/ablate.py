@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "src"))
 from neuronmap.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate,  # noqa: E402
                                 evaluate_sweep)
 from neuronmap.architectures import MlpSites  # noqa: E402
+from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
 from neuronmap.evaluation import EvaluationSettings  # noqa: E402
 from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
 from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
@@ -95,6 +96,28 @@ def swept(model, tokenizer, prompts, plan: list[Ablation], group: int) -> tuple[
     return elapsed, [frame["generated"][i * n:(i + 1) * n].to_list() for i in range(len(plan))]
 
 
+def batching_ceiling(model, tokenizer, prompts, group: int) -> tuple[float, float]:
+    """The sweep's forward work with nothing deactivated: every batch of 16 prompts generated
+    `group` times on 16 rows (one configuration at a time) against once on 16 x `group` rows (a
+    sweep). Their ratio bounds what sharing forward batches can save on this machine, whatever
+    the masks cost."""
+    texts = prompts["text"].to_list()
+    lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
+    batches = [encode(tokenizer, [texts[i] for i in b], torch.device("cpu"), padding_side="left")
+               for b in length_sorted_batches(lengths, SETTINGS.batch_size)]
+    seconds = []
+    with torch.inference_mode():
+        for rows in (1, group):
+            start = time.perf_counter()
+            for encoded in batches:
+                repeated = {key: value.repeat(rows, 1) for key, value in encoded.items()}
+                for _ in range(group // rows):
+                    model.generate(**repeated, max_new_tokens=SETTINGS.max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=48, help="test prompts evaluated per configuration")
@@ -118,8 +141,11 @@ def main() -> None:
     prompts = test_prompts(args.prompts)
 
     times: dict[str, list[float]] = {"one at a time": []} | {f"sweep, {g} per batch": [] for g in args.group}
+    ceiling: dict[str, list[float]] = {"16 rows": [], f"{16 * max(args.group)} rows": []}
     reference, identical = None, True
     for _ in range(args.repeats):  # alternate the modes, so load on the machine hits both alike
+        for name, seconds in zip(ceiling, batching_ceiling(model, tokenizer, prompts, max(args.group))):
+            ceiling[name].append(seconds)
         elapsed, reference = one_at_a_time(model, tokenizer, prompts, plan)
         times["one at a time"].append(elapsed)
         for g in args.group:
@@ -138,6 +164,9 @@ def main() -> None:
         print(f"{mode:<22} {median:9.1f} {min(values):7.1f} {max(values):7.1f} {evaluations / median:8.1f} "
               f"{base / median:8.2f}")
     print(f"identical predictions in every configuration: {identical}")
+    small, large = (statistics.median(v) for v in ceiling.values())
+    print(f"ceiling, nothing deactivated, the same generations: {' vs '.join(ceiling)} per forward: "
+          f"{small:.1f} s vs {large:.1f} s, {small / large:.2f}x (the most any sharing of forward batches can give)")
     best = min((k for k in times if k != "one at a time"), key=lambda k: statistics.median(times[k]))
     print(json.dumps({
         "bench": "ablate", "configurations": len(plan), "prompts": prompts.height, "units": source,
@@ -147,6 +176,8 @@ def main() -> None:
                     if mode != "one at a time"},
         "best": best, "best_speedup": round(base / statistics.median(times[best]), 2),
         "identical_predictions": identical,
+        "ceiling_seconds_median": {name: round(statistics.median(v), 2) for name, v in ceiling.items()},
+        "ceiling_speedup": round(small / large, 2),
     }))
 
 

@@ -60,8 +60,12 @@ def manual(model, layer, x):
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox", "opt"]
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_pooled_responses_match_a_manual_computation(model_type):
+GATED = ["llama", "mistral", "qwen2", "gemma"]
+
+
+@pytest.mark.parametrize("model_type, fused", [(family, False) for family in FAMILIES] +
+                         [(family, True) for family in GATED])
+def test_pooled_responses_match_a_manual_computation(model_type, fused):
     model = tiny(model_type)
     sites = MlpSites(model)
     input_ids = torch.randint(3, 101, (3, 7))
@@ -69,7 +73,7 @@ def test_pooled_responses_match_a_manual_computation(model_type):
     attention_mask[1, 5:] = 0
     attention_mask[2, 3:] = 0
     pooled = pooled_responses(model, sites, sites.available, "mean",
-                              {"input_ids": input_ids, "attention_mask": attention_mask})
+                              {"input_ids": input_ids, "attention_mask": attention_mask}, fused=fused)
     for layer in range(sites.n_layers):
         first = sites.point("up", layer).module
         for row in range(3):

@@ -3,7 +3,8 @@
 import torch
 
 from neuronmap import hooks
-from neuronmap.hooks import TokenMask, observe
+from neuronmap.architectures import MlpSites
+from neuronmap.hooks import SiteRecorder, TokenMask, observe
 
 
 def _batch(lengths, width, seed=0):
@@ -19,12 +20,12 @@ def test_fused_statistics_equal_the_pass_by_pass_ones():
     for lengths, width, exclude_first in (([7, 5, 3], 16, False), ([9, 9], 8, True), ([4, 2, 2, 1], 12, False)):
         x, attention = _batch(lengths, width)
         mask = TokenMask.from_attention_mask(attention, exclude_first)
-        eager = observe(x, mask, ("mean", "max", "last"), 2, 0.5, None, fused=False)
-        fused = observe(x, mask, ("mean", "max", "last"), 2, 0.5, None, fused=True)
+        eager = observe(x, mask, ("mean", "max", "last"), 0.5, fused=False)
+        fused = observe(x, mask, ("mean", "max", "last"), 0.5, fused=True)
         assert not hooks._fusion_failed, "torch.compile was not available"
         for field in ("total", "total_sq", "minimum", "maximum"):
             torch.testing.assert_close(getattr(fused, field), getattr(eager, field), rtol=1e-5, atol=1e-5)
-        for field in ("positive", "active", "top_values", "top_rows", "top_positions"):
+        for field in ("positive", "active", "peaks", "peak_positions"):
             assert torch.equal(getattr(fused, field), getattr(eager, field)), field
         for pooling in ("mean", "max", "last"):
             torch.testing.assert_close(fused.pooled[pooling], eager.pooled[pooling])
@@ -35,11 +36,43 @@ def test_fused_statistics_equal_the_pass_by_pass_ones():
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
-    monkeypatch.setattr(hooks, "_compiled_statistics", broken)
+    monkeypatch.setattr(hooks, "_compiled", {hooks.row_statistics: broken})
     monkeypatch.setattr(hooks, "_fusion_failed", False)
     x, attention = _batch([5, 3], 6)
     mask = TokenMask.from_attention_mask(attention)
-    seen = observe(x, mask, ("mean",), 1, 0.1, None, fused=True)
+    seen = observe(x, mask, ("mean",), 0.1, fused=True)
     assert hooks._fusion_failed
-    expected = observe(x, mask, ("mean",), 1, 0.1, None, fused=False)
+    expected = observe(x, mask, ("mean",), 0.1, fused=False)
     torch.testing.assert_close(seen.total, expected.total)
+
+
+def test_the_fused_mlp_forward_reads_what_the_hooks_read_and_is_removed(tiny_llama):
+    """Gate, up and act from the fused MLP forward against per-site hooks on the same batch;
+    the model's output is unchanged to float rounding and its MLPs get their forward back."""
+    sites = MlpSites(tiny_llama)
+    input_ids = torch.randint(3, 97, (3, 9))
+    attention = torch.ones_like(input_ids)
+    attention[1, 6:] = 0
+    attention[2, 2:] = 0
+    mask = TokenMask.from_attention_mask(attention)
+    seen = {}
+    for fused in (False, True):
+        recorder = SiteRecorder(sites, ["gate", "up", "act", "down"], ("mean", "max", "last"), 0.05, fused)
+        with torch.inference_mode(), recorder.installed():
+            recorder.start_batch(mask)
+            logits = tiny_llama(input_ids=input_ids, attention_mask=attention).logits
+            assert fused == ("forward" in vars(sites.mlp(0))), "the fused path replaces the MLP forward"
+        seen[fused] = recorder.observations, logits
+    assert not any("forward" in vars(sites.mlp(layer)) for layer in range(sites.n_layers))
+    (hooked, plain_logits), (fused, fused_logits) = seen[False], seen[True]
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    assert hooked.keys() == fused.keys()
+    for key, expected in hooked.items():
+        got = fused[key]
+        for field in ("total", "total_sq", "minimum", "maximum", "peaks"):
+            torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=1e-4, atol=1e-5,
+                                       msg=f"{key} {field}")
+        for field in ("positive", "peak_positions"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), (key, field)
+        for pooling in ("mean", "max", "last"):
+            torch.testing.assert_close(got.pooled[pooling], expected.pooled[pooling], rtol=1e-4, atol=1e-5)

@@ -62,7 +62,7 @@ def test_pooled_response_matches_manual_computation(smollm2, pooling):
 def test_hooks_leave_logits_unchanged_and_are_removed(smollm2):
     model, tokenizer = smollm2
     batch = encode(tokenizer, TEXTS, torch.device("cpu"), padding_side="right")
-    recorder = SiteRecorder(MlpSites(model), ["gate", "up", "act", "down"], ("mean", "max", "last"), top_n=3)
+    recorder = SiteRecorder(MlpSites(model), ["gate", "up", "act", "down"], ("mean", "max", "last"))
     with torch.inference_mode():
         plain = model(**batch).logits
         with recorder.installed():

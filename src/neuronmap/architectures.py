@@ -95,10 +95,13 @@ class MlpSites:
             raise NeuronmapError(f"sites: {', '.join(missing)} not available in this architecture "
                                  f"(available: {', '.join(self.available)})")
 
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return _get(self.layers[layer], self.adapter.mlp)
+
     def point(self, site: str, layer: int) -> SitePoint:
         if site not in self.available:
             self.check([site])
-        mlp = _get(self.layers[layer], self.adapter.mlp)
+        mlp = self.mlp(layer)
         up, down = _get(mlp, self.adapter.up), _get(mlp, self.adapter.down)
         if site == "gate":
             gate = _get(mlp, self.adapter.gate)

@@ -4,6 +4,7 @@ responses of a shard's prompts and the per-token statistics of every unit."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,8 @@ class Extraction:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device = next(model.parameters()).device
         self.sites = MlpSites(model)
-        self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.top_n,
-                                     settings.active_threshold, settings.fused_statistics)
+        self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
+                                     settings.fused_statistics)
         self.prompt_ids, self.texts = prompt_ids, texts
         self.token_ids = tokenizer(texts)["input_ids"]
         bos = tokenizer.bos_token_id
@@ -78,9 +79,14 @@ class Extraction:
                     self._run_batch(batch, writer)
             finally:
                 writer.close()
-            write_table(partial_table(self.stats), outputs.stats, schemas.NEURON_STATS_PARTIAL)
-            write_table(top_table(self.stats, self.prompt_ids, self._tokens), outputs.top,
-                        schemas.TOP_ACTIVATIONS_PARTIAL)
+            # Two independent tables, each mostly GIL-free polars and Arrow work: written side by side.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                written = [pool.submit(lambda: write_table(partial_table(self.stats), outputs.stats,
+                                                           schemas.NEURON_STATS_PARTIAL)),
+                           pool.submit(lambda: write_table(top_table(self.stats, self.prompt_ids, self._tokens),
+                                                           outputs.top, schemas.TOP_ACTIVATIONS_PARTIAL))]
+                for future in written:
+                    future.result()
         log.info("wrote responses of %d prompts in %d batches to %s", len(self.prompt_ids), len(batches),
                  outputs.responses)
 
@@ -91,7 +97,6 @@ class Extraction:
         """Forward one batch; on a device out-of-memory, retry it in halves."""
         encoded = encode(self.tokenizer, [self.texts[i] for i in batch], self.device, padding_side="right")
         mask = TokenMask.from_attention_mask(encoded["attention_mask"], self.exclude_first)
-        self.recorder.floors = {key: floor for key, s in self.stats.items() if (floor := s.floor()) is not None}
         self.recorder.start_batch(mask)
         try:
             forward_without_logits(self.model, encoded)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .architectures import MlpSites
 
@@ -27,11 +28,8 @@ class TokenMask:
     """Which positions of a right-padded batch count: [start, length) of each row."""
     valid: torch.Tensor        # [B, T] bool
     lengths: torch.Tensor      # [B] long, position after the last valid token
-    start: int                 # 1 when a leading BOS token is excluded, else 0
-    mean_weights: torch.Tensor  # [B, 1, T] float, valid / count: mean pooling as one bmm
-    flat: torch.Tensor         # [1, B*T] float, valid as 0/1: per-unit sums over tokens as one matmul
+    counts: torch.Tensor       # [B, 1] float, valid tokens per row (at least 1)
     count: int                 # valid tokens in the batch
-    shortest: int              # every row is valid on [start, shortest)
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor, exclude_first: bool = False) -> "TokenMask":
@@ -39,23 +37,10 @@ class TokenMask:
         if not bool(valid[:, 0].all()) or not bool((valid[:, :-1] | ~valid[:, 1:]).all()):
             raise ValueError("TokenMask needs right padding (valid tokens first in every row)")
         lengths = valid.sum(1)
-        start = 1 if exclude_first else 0
-        valid[:, :start] = False
-        counts = valid.sum(1, keepdim=True).clamp(min=1)
-        weights = (valid.float() / counts).unsqueeze(1)
-        return cls(valid, lengths, start, weights, valid.float().reshape(1, -1), int(valid.sum()),
-                   int(lengths.min()))
-
-    def masked_extreme(self, x: torch.Tensor, largest: bool) -> torch.Tensor:
-        """Max (or min) over valid tokens, [B, T, n] -> [B, n]. The padded tail is masked
-        separately: length-sorted batches leave it short, so the full-size mask is avoided."""
-        reduce = torch.amax if largest else torch.amin
-        head = reduce(x[:, self.start:self.shortest], dim=1)
-        if self.shortest < x.shape[1]:
-            tail = x[:, self.shortest:].masked_fill(~self.valid[:, self.shortest:, None],
-                                                    float("-inf") if largest else float("inf"))
-            head = torch.maximum(head, reduce(tail, dim=1)) if largest else torch.minimum(head, reduce(tail, dim=1))
-        return head
+        if exclude_first:
+            valid[:, 0] = False
+        counts = valid.sum(1, keepdim=True)
+        return cls(valid, lengths, counts.clamp(min=1).float(), int(counts.sum()))
 
 
 @dataclass
@@ -68,109 +53,117 @@ class BatchObservation:
     maximum: torch.Tensor               # [n]
     positive: torch.Tensor              # [n] float, tokens > 0
     active: torch.Tensor                # [n] float, tokens with |x| > threshold
-    top_values: torch.Tensor            # [k, n] the batch's highest prompt peaks per unit
-    top_rows: torch.Tensor              # [k, n] their rows in the batch
-    top_positions: torch.Tensor         # [k, n] token position of each peak (-1: cannot enter the top)
+    peaks: torch.Tensor                 # [B, n] each prompt's highest value per unit (-inf: no valid token)
+    peak_positions: torch.Tensor        # [B, n] its token position
 
 
-def token_statistics(x: torch.Tensor, valid: torch.Tensor, active_threshold: float):
-    """Sums, counts and extremes of [B, T, n] activations over the valid tokens ([B, T, 1]
-    bool): total, total of squares, tokens > 0, tokens with |x| > threshold ([n] each), and
-    each row's maxima and minima ([B, n]). Written as plain elementwise-and-reduce code so
-    that torch.compile fuses it into one pass over x (see `fused_token_statistics`)."""
+def row_statistics(x: torch.Tensor, valid: torch.Tensor, active_threshold: float):
+    """Per row and unit of [B, T, n] activations, over the valid tokens ([B, T, 1] bool): sum,
+    sum of squares, tokens > 0, tokens with |x| > threshold, maximum and its position, minimum
+    ([B, n] each). Plain elementwise-and-reduce code over one axis, so that torch.compile
+    fuses it into one pass over x (see `fused_row_statistics`)."""
     weight = valid.to(x.dtype)
-    total = (x * weight).sum((0, 1))
-    total_sq = (x * x * weight).sum((0, 1))
-    positive = ((x > 0) & valid).sum((0, 1))
-    active = ((x.abs() > active_threshold) & valid).sum((0, 1))
-    maxima = torch.where(valid, x, float("-inf")).amax(1)
+    total = (x * weight).sum(1)
+    total_sq = (x * x * weight).sum(1)
+    positive = ((x > 0) & valid).sum(1)
+    active = ((x.abs() > active_threshold) & valid).sum(1)
+    maxima, peak = torch.where(valid, x, float("-inf")).max(1)
     minima = torch.where(valid, x, float("inf")).amin(1)
-    return total, total_sq, positive, active, maxima, minima
+    return total, total_sq, positive, active, maxima, peak, minima
 
 
-_compiled_statistics = None
+def gated_mlp_statistics(gate: torch.Tensor, up: torch.Tensor, valid: torch.Tensor, active_threshold: float,
+                         activation: str):
+    """A gated MLP's down-projection input act = activation(gate) * up, and the
+    `row_statistics` of gate, up and act: compiled, one pass that reads gate and up once."""
+    act = (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+    return (act, row_statistics(gate.float(), valid, active_threshold),
+            row_statistics(up.float(), valid, active_threshold), row_statistics(act.float(), valid, active_threshold))
+
+
+_compiled: dict = {}
 _fusion_failed = False
 
 
-def fused_token_statistics(x: torch.Tensor, valid: torch.Tensor, active_threshold: float):
-    """`token_statistics` compiled into one fused kernel (5x faster than the separate passes on
-    the CPU), or None where compilation is unavailable (no C++ compiler, say): the caller
-    then takes the eager path. Compiled once per process, for any shape."""
-    global _compiled_statistics, _fusion_failed
-    if _fusion_failed:
-        return None
-    try:
-        if _compiled_statistics is None:
-            _compiled_statistics = torch.compile(token_statistics, dynamic=True)
-        return _compiled_statistics(x, valid, active_threshold)
-    except Exception as error:  # any backend failure: the eager path gives the same numbers
-        _fusion_failed = True
-        log.warning("per-token statistics not fused (%s: %s); computing them pass by pass",
-                    error.__class__.__name__, str(error).splitlines()[0] if str(error) else "")
-        return None
+def run_fused(function, *args):
+    """`function(*args)` compiled by torch.compile (once per process and function, for any
+    shape), or run eagerly where compilation is unavailable (no C++ compiler, no Triton): the
+    same code, so the same numbers to float rounding, only slower."""
+    global _fusion_failed
+    if not _fusion_failed:
+        try:
+            if function not in _compiled:
+                _compiled[function] = torch.compile(function, dynamic=True)
+            return _compiled[function](*args)
+        except Exception as error:  # any backend failure: the eager path computes the same
+            _fusion_failed = True
+            log.warning("per-token statistics not fused (%s: %s); computing them eagerly",
+                        error.__class__.__name__, str(error).splitlines()[0] if str(error) else "")
+    return function(*args)
 
 
-def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], top_n: int,
-            active_threshold: float, floor: torch.Tensor | None, fused: bool = False) -> BatchObservation:
-    """Pool and summarize one site's [B, T, n] activations; `floor` is each unit's current
-    N-th best peak (only batch peaks above it need their token position). With `fused`, the
-    per-token statistics come from one compiled kernel; otherwise pass by pass."""
+def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_threshold: float,
+            fused: bool = False) -> BatchObservation:
+    """Pool and summarize one site's [B, T, n] activations. With `fused`, the per-row
+    reductions come from one compiled kernel; otherwise from the same code run eagerly."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
-    n = x.shape[-1]
-    batch, tokens = x.shape[0], x.shape[1]
-    flat = x.reshape(batch * tokens, n)
-    statistics = fused_token_statistics(x, mask.valid.unsqueeze(-1), active_threshold) if fused else None
-    if statistics is not None:
-        total, total_sq, positive, active, maxima, minima = statistics
-        total, total_sq, positive, active = total.double(), total_sq.double(), positive.float(), active.float()
-    else:
-        maxima = mask.masked_extreme(x, largest=True)
-        minima = mask.masked_extreme(x, largest=False)
-        scratch = torch.empty_like(flat)
-        # Sums over valid tokens as matrix-vector products; each indicator is written straight
-        # into one scratch buffer as 0/1 floats (no bool tensor, no cast, one allocation).
-        total = (mask.flat @ flat).squeeze(0).double()
-        total_sq = (mask.flat @ torch.square(flat, out=scratch)).squeeze(0).double()
-        positive = (mask.flat @ torch.gt(flat, 0, out=scratch)).squeeze(0)
-        active = (mask.flat @ torch.gt(torch.abs(flat, out=scratch), active_threshold, out=scratch)).squeeze(0)
+    valid = mask.valid.unsqueeze(-1)
+    statistics = (run_fused if fused else _eager)(row_statistics, x, valid, active_threshold)
+    return summarize(x, mask, poolings, statistics)
+
+
+def _eager(function, *args):
+    return function(*args)
+
+
+def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statistics) -> BatchObservation:
+    """A site's observation from its activations x [B, T, n] and their `row_statistics`."""
+    sums, squares, positive, active, maxima, peaks, minima = statistics
     pooled = {}
     for pooling in poolings:
         if pooling == "mean":
-            pooled[pooling] = torch.bmm(mask.mean_weights, x).squeeze(1)
+            pooled[pooling] = sums / mask.counts
         elif pooling == "max":
             pooled[pooling] = maxima
         elif pooling == "last":
-            pooled[pooling] = x[torch.arange(batch, device=x.device), mask.lengths - 1]
+            pooled[pooling] = x[torch.arange(x.shape[0], device=x.device), mask.lengths - 1].float()
         else:
             raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
+    return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), squares.sum(0, dtype=torch.float64),
+                            minima.amin(0), maxima.amax(0), positive.sum(0).float(), active.sum(0).float(),
+                            maxima, peaks)
 
-    k = min(top_n, batch)
-    top_values, top_rows = torch.topk(maxima, k, dim=0)
-    top_positions = torch.full_like(top_rows, -1)
-    candidates = top_values > floor if floor is not None else torch.ones_like(top_values, dtype=torch.bool)
-    slot, unit = candidates.nonzero(as_tuple=True)
-    if slot.numel():
-        rows = top_rows[slot, unit]
-        traces = x[rows, :, unit].masked_fill(~mask.valid[rows], float("-inf"))  # [E, T]
-        top_positions[slot, unit] = traces.argmax(1)
-    return BatchObservation(pooled, total, total_sq, minima.amin(0), maxima.amax(0), positive, active,
-                            top_values, top_rows, top_positions)
+
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the
+# activations `gated_mlp_statistics` knows: only these may have their forward fused.
+GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                     "OlmoMLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP"}
+ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def fusable_activation(mlp: torch.nn.Module) -> str | None:
+    if type(mlp).__name__ not in GATED_MLP_CLASSES:
+        return None
+    return ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__)
 
 
 class SiteRecorder:
-    """Installs one read hook per (site, layer); each forward fills `observations`."""
+    """Reads every (site, layer) in each forward pass, filling `observations`.
+
+    With `fused` on a gated MLP whose gate, up and act are all read, each layer's MLP forward
+    is replaced (while installed) by one that computes act and the three sites' reductions in
+    one compiled pass: one Python call per layer instead of three hooks, and gate and up read
+    once instead of three times. Elsewhere, one read hook per (site, layer)."""
 
     def __init__(self, sites: MlpSites, site_names: Iterable[str], poolings: Iterable[str] = ("mean",),
-                 top_n: int = 0, active_threshold: float = 0.0, fused: bool = False):
+                 active_threshold: float = 0.0, fused: bool = False):
         self.sites = sites
         self.fused = fused
         self.site_names = tuple(site_names)
         sites.check(self.site_names)
         self.poolings = tuple(poolings)
-        self.top_n = top_n
         self.active_threshold = active_threshold
         self.mask: TokenMask | None = None
-        self.floors: dict[tuple[str, int], torch.Tensor] = {}
         self.observations: dict[tuple[str, int], BatchObservation] = {}
 
     def _hook(self, site: str, layer: int, is_input: bool):
@@ -178,16 +171,39 @@ class SiteRecorder:
             x = args[0] if is_input else output
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(*self.mask.valid.shape, -1)
-            self.observations[(site, layer)] = observe(
-                x, self.mask, self.poolings, max(self.top_n, 1), self.active_threshold,
-                self.floors.get((site, layer)), self.fused)
+            self.observations[(site, layer)] = observe(x, self.mask, self.poolings, self.active_threshold,
+                                                       self.fused)
         return read
+
+    def _fused_forward(self, mlp: torch.nn.Module, layer: int, activation: str):
+        def forward(x):
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            act, *statistics = run_fused(gated_mlp_statistics, gate, up, self.mask.valid.unsqueeze(-1),
+                                         self.active_threshold, activation)
+            for site, values, seen in zip(("gate", "up", "act"), (gate, up, act), statistics):
+                self.observations[(site, layer)] = summarize(values, self.mask, self.poolings, seen)
+            return mlp.down_proj(act)
+        return forward
+
+    def _fusable_mlps(self) -> list[tuple[torch.nn.Module, str]] | None:
+        if not self.fused or not {"gate", "up", "act"} <= set(self.site_names):
+            return None
+        mlps = [self.sites.mlp(layer) for layer in range(self.sites.n_layers)]
+        activations = [fusable_activation(mlp) for mlp in mlps]
+        return None if None in activations else list(zip(mlps, activations))
 
     @contextlib.contextmanager
     def installed(self):
-        handles = []
+        handles, patched = [], []
         try:
+            fusable = self._fusable_mlps()
+            if fusable:
+                for layer, (mlp, activation) in enumerate(fusable):
+                    mlp.forward = self._fused_forward(mlp, layer, activation)  # shadows the class's forward
+                    patched.append(mlp)
             for site in self.site_names:
+                if fusable and site != "down":
+                    continue
                 for layer in range(self.sites.n_layers):
                     point = self.sites.point(site, layer)
                     hook = self._hook(site, layer, point.is_input)
@@ -197,6 +213,8 @@ class SiteRecorder:
         finally:
             for handle in handles:
                 handle.remove()
+            for mlp in patched:
+                del mlp.forward
 
     def start_batch(self, mask: TokenMask) -> None:
         self.mask = mask
@@ -210,9 +228,9 @@ class SiteRecorder:
 
 
 def pooled_responses(model, sites: MlpSites, site_names, pooling: str, batch: dict[str, torch.Tensor],
-                     exclude_first: bool = False) -> dict[str, torch.Tensor]:
+                     exclude_first: bool = False, fused: bool = False) -> dict[str, torch.Tensor]:
     """Convenience for one right-padded batch: {site: [layers, batch, units]} of one pooling."""
-    recorder = SiteRecorder(sites, site_names, (pooling,))
+    recorder = SiteRecorder(sites, site_names, (pooling,), fused=fused)
     with recorder.installed(), torch.inference_mode():
         recorder.start_batch(TokenMask.from_attention_mask(batch["attention_mask"], exclude_first))
         model(**batch, use_cache=False)

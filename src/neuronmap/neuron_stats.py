@@ -34,10 +34,6 @@ class UnitStats:
         self.top_prompts = torch.empty(0, width, dtype=torch.long, device=device)
         self.top_positions = torch.empty(0, width, dtype=torch.long, device=device)
 
-    def floor(self) -> torch.Tensor | None:
-        """The value a batch peak must beat to enter the top (None while the top is not full)."""
-        return self.top_values[-1] if self.top_n and self.top_values.shape[0] >= self.top_n else None
-
     def add(self, seen: BatchObservation, count: int, prompt_index: torch.Tensor) -> None:
         batch_mean = seen.total / count
         batch_m2 = (seen.total_sq - seen.total * batch_mean).clamp(min=0)
@@ -51,9 +47,8 @@ class UnitStats:
         self.positive += seen.positive.double()
         self.active += seen.active.double()
         if self.top_n:
-            keep = seen.top_positions >= 0
-            values = torch.where(keep, seen.top_values, float("-inf"))
-            self._merge_top(values, prompt_index[seen.top_rows], seen.top_positions)
+            # The batch's peaks join the running top, and one topk keeps the best.
+            self._merge_top(seen.peaks, prompt_index[:, None].expand_as(seen.peaks), seen.peak_positions)
 
     def _merge_top(self, values, prompts, positions) -> None:
         values = torch.cat([self.top_values, values])

@@ -1,6 +1,7 @@
 """The Parquet contracts between stages. docs/parquet.md describes every column; the tests
 check that every file the workflow writes has exactly these schemas."""
 
+import numpy as np
 import pyarrow as pa
 
 PROMPTS = pa.schema([
@@ -17,11 +18,15 @@ PROMPTS = pa.schema([
 
 
 def responses(value_type: pa.DataType, widths: dict[str, int], n_layers: int, poolings) -> pa.Schema:
-    """prompt_id, n_tokens, then `<pooling>/<site>/<layer>` fixed-size lists of unit responses."""
-    fields = [("prompt_id", pa.string()), ("n_tokens", pa.int32())]
+    """prompt_id, n_tokens, then `<pooling>/<site>/<layer>` columns: each value is the
+    little-endian array of one prompt's unit responses, as fixed-size binary (docs/parquet.md)."""
+    dtype = value_type.to_pandas_dtype()
+    fields = [pa.field("prompt_id", pa.string()), pa.field("n_tokens", pa.int32())]
     for pooling in poolings:
         for site, width in widths.items():
-            fields += [(f"{pooling}/{site}/{layer:03d}", pa.list_(value_type, width)) for layer in range(n_layers)]
+            metadata = {"dtype": np.dtype(dtype).name, "units": str(width)}
+            fields += [pa.field(f"{pooling}/{site}/{layer:03d}", pa.binary(width * np.dtype(dtype).itemsize),
+                                nullable=False, metadata=metadata) for layer in range(n_layers)]
     return pa.schema(fields)
 
 
