@@ -82,7 +82,7 @@ def reduce_like_neuronmap(acts: dict, mask: torch.Tensor) -> None:
     from neuronmap.hooks import TokenMask, observe
     token_mask = TokenMask.from_attention_mask(mask)
     for x in acts.values():
-        observe(x, token_mask, ("mean", "max", "last"), SETTINGS.active_threshold)
+        observe(x, token_mask, ("mean", "max", "last"), SETTINGS.active_threshold, fused=True)
 
 
 def time_nnsight(model, tokenizer, batches):

@@ -36,7 +36,7 @@ def test_fused_statistics_equal_the_pass_by_pass_ones():
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
-    monkeypatch.setattr(hooks, "_compiled", {hooks.row_statistics: broken})
+    monkeypatch.setattr(hooks, "_compiled", {hooks.site_reductions: broken})
     monkeypatch.setattr(hooks, "_fusion_failed", False)
     x, attention = _batch([5, 3], 6)
     mask = TokenMask.from_attention_mask(attention)

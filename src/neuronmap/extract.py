@@ -4,7 +4,6 @@ responses of a shard's prompts and the per-token statistics of every unit."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +55,9 @@ class Extraction:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device = next(model.parameters()).device
         self.sites = MlpSites(model)
+        self.store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
-                                     settings.fused_statistics)
+                                     settings.fused_statistics, self.store_dtype)
         self.prompt_ids, self.texts = prompt_ids, texts
         self.token_ids = tokenizer(texts)["input_ids"]
         bos = tokenizer.bos_token_id
@@ -65,7 +65,6 @@ class Extraction:
                               and all(ids and ids[0] == bos for ids in self.token_ids))
         self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n, self.device)
                       for site in settings.sites for layer in range(self.sites.n_layers)}
-        self.store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
 
     def run(self, outputs: ExtractionOutputs) -> None:
         lengths = [len(ids) for ids in self.token_ids]
@@ -79,14 +78,9 @@ class Extraction:
                     self._run_batch(batch, writer)
             finally:
                 writer.close()
-            # Two independent tables, each mostly GIL-free polars and Arrow work: written side by side.
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                written = [pool.submit(lambda: write_table(partial_table(self.stats), outputs.stats,
-                                                           schemas.NEURON_STATS_PARTIAL)),
-                           pool.submit(lambda: write_table(top_table(self.stats, self.prompt_ids, self._tokens),
-                                                           outputs.top, schemas.TOP_ACTIVATIONS_PARTIAL))]
-                for future in written:
-                    future.result()
+            write_table(partial_table(self.stats), outputs.stats, schemas.NEURON_STATS_PARTIAL)
+            write_table(top_table(self.stats, self.prompt_ids, self._tokens), outputs.top,
+                        schemas.TOP_ACTIVATIONS_PARTIAL)
         log.info("wrote responses of %d prompts in %d batches to %s", len(self.prompt_ids), len(batches),
                  outputs.responses)
 
@@ -116,7 +110,7 @@ class Extraction:
         for key, seen in self.recorder.observations.items():
             self.stats[key].add(seen, mask.count, prompt_index)
         writer.write_batch([self.prompt_ids[i] for i in batch], [len(self.token_ids[i]) for i in batch],
-                           self.recorder.pooled_to_host(self.store_dtype))
+                           self.recorder.pooled_to_host())
 
 
 def extract_shard(model, tokenizer, prompts: pl.DataFrame, outputs: ExtractionOutputs,

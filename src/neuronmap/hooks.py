@@ -54,31 +54,32 @@ class BatchObservation:
     positive: torch.Tensor              # [n] float, tokens > 0
     active: torch.Tensor                # [n] float, tokens with |x| > threshold
     peaks: torch.Tensor                 # [B, n] each prompt's highest value per unit (-inf: no valid token)
-    peak_positions: torch.Tensor        # [B, n] its token position
+    peak_positions: torch.Tensor        # [B, n] int32, its token position
 
 
-def row_statistics(x: torch.Tensor, valid: torch.Tensor, active_threshold: float):
-    """Per row and unit of [B, T, n] activations, over the valid tokens ([B, T, 1] bool): sum,
-    sum of squares, tokens > 0, tokens with |x| > threshold, maximum and its position, minimum
-    ([B, n] each). Plain elementwise-and-reduce code over one axis, so that torch.compile
-    fuses it into one pass over x (see `fused_row_statistics`)."""
+def site_reductions(x: torch.Tensor, valid: torch.Tensor, active_threshold: float):
+    """Reductions of [B, T, n] activations over the valid tokens ([B, T, 1] bool): per row and
+    unit ([B, n]) the sum, the maximum and its position; per unit ([n]) the sum of squares, the
+    tokens > 0, the tokens with |x| > threshold and the minimum. Plain elementwise-and-reduce
+    code, so that torch.compile fuses it into one pass over x (see `run_fused`); only what
+    pooling and the top activations need stays per row, which keeps a batch's memory small."""
     weight = valid.to(x.dtype)
-    total = (x * weight).sum(1)
-    total_sq = (x * x * weight).sum(1)
-    positive = ((x > 0) & valid).sum(1)
-    active = ((x.abs() > active_threshold) & valid).sum(1)
-    maxima, peak = torch.where(valid, x, float("-inf")).max(1)
-    minima = torch.where(valid, x, float("inf")).amin(1)
-    return total, total_sq, positive, active, maxima, peak, minima
+    sums = (x * weight).sum(1)
+    total_sq = (x * x * weight).sum((0, 1))
+    positive = ((x > 0) & valid).sum((0, 1))
+    active = ((x.abs() > active_threshold) & valid).sum((0, 1))
+    maxima, peaks = torch.where(valid, x, float("-inf")).max(1)
+    minimum = torch.where(valid, x, float("inf")).amin((0, 1))
+    return sums, total_sq, positive, active, maxima, peaks, minimum
 
 
 def gated_mlp_statistics(gate: torch.Tensor, up: torch.Tensor, valid: torch.Tensor, active_threshold: float,
                          activation: str):
     """A gated MLP's down-projection input act = activation(gate) * up, and the
-    `row_statistics` of gate, up and act: compiled, one pass that reads gate and up once."""
+    `site_reductions` of gate, up and act: compiled, one pass that reads gate and up once."""
     act = (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
-    return (act, row_statistics(gate.float(), valid, active_threshold),
-            row_statistics(up.float(), valid, active_threshold), row_statistics(act.float(), valid, active_threshold))
+    return (act, site_reductions(gate.float(), valid, active_threshold),
+            site_reductions(up.float(), valid, active_threshold), site_reductions(act.float(), valid, active_threshold))
 
 
 _compiled: dict = {}
@@ -103,35 +104,37 @@ def run_fused(function, *args):
 
 
 def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_threshold: float,
-            fused: bool = False) -> BatchObservation:
+            fused: bool = False, pooled_dtype: torch.dtype = torch.float32) -> BatchObservation:
     """Pool and summarize one site's [B, T, n] activations. With `fused`, the per-row
     reductions come from one compiled kernel; otherwise from the same code run eagerly."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     valid = mask.valid.unsqueeze(-1)
-    statistics = (run_fused if fused else _eager)(row_statistics, x, valid, active_threshold)
-    return summarize(x, mask, poolings, statistics)
+    statistics = (run_fused if fused else _eager)(site_reductions, x, valid, active_threshold)
+    return summarize(x, mask, poolings, statistics, pooled_dtype)
 
 
 def _eager(function, *args):
     return function(*args)
 
 
-def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statistics) -> BatchObservation:
-    """A site's observation from its activations x [B, T, n] and their `row_statistics`."""
-    sums, squares, positive, active, maxima, peaks, minima = statistics
+def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statistics,
+              pooled_dtype: torch.dtype = torch.float32) -> BatchObservation:
+    """A site's observation from its activations x [B, T, n] and their `site_reductions`.
+    Pooled responses are kept in `pooled_dtype` (what they will be stored as) and peak positions
+    as int32: a batch's observations are what extraction holds per row, so they stay small."""
+    sums, total_sq, positive, active, maxima, peaks, minimum = statistics
     pooled = {}
     for pooling in poolings:
         if pooling == "mean":
-            pooled[pooling] = sums / mask.counts
+            pooled[pooling] = (sums / mask.counts).to(pooled_dtype)
         elif pooling == "max":
-            pooled[pooling] = maxima
+            pooled[pooling] = maxima.to(pooled_dtype)
         elif pooling == "last":
-            pooled[pooling] = x[torch.arange(x.shape[0], device=x.device), mask.lengths - 1].float()
+            pooled[pooling] = x[torch.arange(x.shape[0], device=x.device), mask.lengths - 1].to(pooled_dtype)
         else:
             raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
-    return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), squares.sum(0, dtype=torch.float64),
-                            minima.amin(0), maxima.amax(0), positive.sum(0).float(), active.sum(0).float(),
-                            maxima, peaks)
+    return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), total_sq.double(), minimum, maxima.amax(0),
+                            positive.float(), active.float(), maxima, peaks.to(torch.int32))
 
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the
@@ -156,8 +159,9 @@ class SiteRecorder:
     once instead of three times. Elsewhere, one read hook per (site, layer)."""
 
     def __init__(self, sites: MlpSites, site_names: Iterable[str], poolings: Iterable[str] = ("mean",),
-                 active_threshold: float = 0.0, fused: bool = False):
+                 active_threshold: float = 0.0, fused: bool = False, pooled_dtype: torch.dtype = torch.float32):
         self.sites = sites
+        self.pooled_dtype = pooled_dtype
         self.fused = fused
         self.site_names = tuple(site_names)
         sites.check(self.site_names)
@@ -172,7 +176,7 @@ class SiteRecorder:
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(*self.mask.valid.shape, -1)
             self.observations[(site, layer)] = observe(x, self.mask, self.poolings, self.active_threshold,
-                                                       self.fused)
+                                                       self.fused, self.pooled_dtype)
         return read
 
     def _fused_forward(self, mlp: torch.nn.Module, layer: int, activation: str):
@@ -181,7 +185,7 @@ class SiteRecorder:
             act, *statistics = run_fused(gated_mlp_statistics, gate, up, self.mask.valid.unsqueeze(-1),
                                          self.active_threshold, activation)
             for site, values, seen in zip(("gate", "up", "act"), (gate, up, act), statistics):
-                self.observations[(site, layer)] = summarize(values, self.mask, self.poolings, seen)
+                self.observations[(site, layer)] = summarize(values, self.mask, self.poolings, seen, self.pooled_dtype)
             return mlp.down_proj(act)
         return forward
 
@@ -220,10 +224,10 @@ class SiteRecorder:
         self.mask = mask
         self.observations = {}
 
-    def pooled_to_host(self, dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], torch.Tensor]:
+    def pooled_to_host(self) -> dict[tuple[str, str], torch.Tensor]:
         """One device-to-host copy per (pooling, site): [layers, batch, units] tensors."""
         return {(pooling, site): torch.stack([self.observations[(site, layer)].pooled[pooling]
-                                              for layer in range(self.sites.n_layers)]).to(dtype).cpu()
+                                              for layer in range(self.sites.n_layers)]).cpu()
                 for pooling in self.poolings for site in self.site_names}
 
 

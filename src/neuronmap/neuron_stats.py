@@ -32,7 +32,7 @@ class UnitStats:
         self.top_n = top_n
         self.top_values = torch.empty(0, width, device=device)
         self.top_prompts = torch.empty(0, width, dtype=torch.long, device=device)
-        self.top_positions = torch.empty(0, width, dtype=torch.long, device=device)
+        self.top_positions = torch.empty(0, width, dtype=torch.int32, device=device)
 
     def add(self, seen: BatchObservation, count: int, prompt_index: torch.Tensor) -> None:
         batch_mean = seen.total / count
