@@ -15,9 +15,11 @@ must be identical between the modes. Prints a table, then one JSON line.
 
 What to expect: the sweep saves model loads, hook installs and tokenization, and gives the
 device bigger batches. Where a batch of 16 prompts underuses the device (a GPU) that is the
-win; on an idle CPU the forward pass of 16 few-shot prompts is already compute-bound, so the
-sweep costs about what one configuration at a time does (measured on 2 idle cores: 1.02x with
-12 configurations per batch, 1.10x with 4).
+win. On a CPU the forward pass of 16 few-shot prompts is already compute-bound: the ceiling row
+(the same generations with nothing deactivated, 16 rows per forward against 192) bounds what
+any sharing of forward batches can give, and on 2 idle cores it is below 1 (0.94x; the sweep
+measured 0.90x with 12 configurations per batch, 0.98x with 4). That is why
+`ablation.configs_per_batch: auto` is 1 on the CPU.
 """
 
 from __future__ import annotations

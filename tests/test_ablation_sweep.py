@@ -94,3 +94,19 @@ def test_random_controls_are_evaluated_on_own_prompts_or_all(monkeypatch, random
         assert calls == [(["top_k"], ["r", "s", "r", "s"]), (["random", "random"], ["r", "r"])]
     with pytest.raises(NeuronmapError, match="ablation.random_eval: unknown 'some'"):
         evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings(), 4, "some")
+
+
+def test_configs_per_batch_auto_is_one_on_the_cpu_and_twelve_on_a_gpu():
+    import argparse
+
+    import torch
+
+    from neuronmap.ablation import configs_per_batch_for
+    from neuronmap.analysis_commands import _configs_per_batch
+    assert configs_per_batch_for("auto", torch.device("cpu")) == 1
+    assert configs_per_batch_for("auto", torch.device("cuda", 0)) == 12
+    assert configs_per_batch_for(5, torch.device("cpu")) == 5
+    assert _configs_per_batch("auto") == "auto" and _configs_per_batch("3") == 3
+    for bad in ("0", "x", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="configs_per_batch"):
+            _configs_per_batch(bad)

@@ -25,6 +25,8 @@ def dry_run(tmp_path, config):
     ({"pooling": "median"}, "pooling"),
     ({"split": {"test_facts": 0}}, "test_facts"),
     ({"evaluation": {"match_rule": "prefix"}}, "match_rule"),
+    ({"ablation": {"configs_per_batch": 0}}, "configs_per_batch"),
+    ({"ablation": {"configs_per_batch": "many"}}, "configs_per_batch"),
 ])
 def test_config_error_names_the_key(tmp_path, config, key):
     result = dry_run(tmp_path, {"run": "config-test", **config})

@@ -67,8 +67,8 @@ def cmd_baseline(args) -> None:
 def cmd_ablate(args) -> None:
     import polars as pl
     from . import schemas
-    from .ablation import (BASELINE, DeactivationValue, ablations_for, deactivation_for, evaluate_plan, off_means,
-                           summarize)
+    from .ablation import (BASELINE, DeactivationValue, ablations_for, configs_per_batch_for, deactivation_for,
+                           evaluate_plan, off_means, summarize)
     from .architectures import MlpSites
     from .cli import _evaluation_settings, _load
     from .deactivation import Deactivation
@@ -91,8 +91,9 @@ def cmd_ablate(args) -> None:
     plan = ablations_for(args.relation, selected, args.top_k, args.seeds, widths)
     configs = [deactivation_for(a, value, negative_means) for a in plan]
     settings = _evaluation_settings(args)
-    predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings, args.configs_per_batch,
-                                args.random_eval)
+    per_batch = configs_per_batch_for(args.configs_per_batch, next(model.parameters()).device)
+    log.info("%d ablation configurations per forward batch", per_batch)
+    predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings, per_batch, args.random_eval)
     source, translated = _split_languages(predictions, args.source_language)
 
     text = read_text(args.neutral_text, tokenizer, args.perplexity_max_tokens)
@@ -169,6 +170,18 @@ def cmd_sparsity(args) -> None:
              layers.group_by("site").agg(pl.col("firing_rate_mean").mean(), pl.col("dead").sum()).sort("site"))
 
 
+def _configs_per_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"ablation.configs_per_batch: {text!r} is neither auto nor an integer >= 1")
+    return value
+
+
 def _language_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language-prompts", help="translated test prompts (prepare-languages); none when omitted")
     p.add_argument("--source-language", default="en", help="language of --prompts, where units are identified")
@@ -210,8 +223,9 @@ def add_commands(sub, model_args, evaluation_args, parse_bool) -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[])
     p.add_argument("--value", choices=["zero", "mean", "clamp"], default="zero")
     p.add_argument("--clamp-value", type=float, default=0.0)
-    p.add_argument("--configs-per-batch", type=int, default=12,
-                   help="configurations sharing a forward batch (rows = batch size x this)")
+    p.add_argument("--configs-per-batch", type=_configs_per_batch, default="auto",
+                   help="configurations sharing a forward batch (rows = batch size x this); auto: 1 on the "
+                        "CPU, 12 on a GPU")
     p.add_argument("--random-eval", choices=["own", "all"], default="own",
                    help="random controls on the ablated relation's own prompts only, or on every relation's")
     p.add_argument("--neutral-text", required=True)
