@@ -12,6 +12,7 @@ extraction at 1x and 8x the prompts (separate processes). Prints a table, then o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -167,6 +168,9 @@ def main() -> None:
     batches = batches_of(tokenizer, prompts["text"].to_list())
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     times = {"floor": [], "floor_no_logits": [], "neuronmap": [], "nnsight": [], "transformer_lens": []}
+    # The other tools wrap the modules they see (nnsight replaces every module's forward), which
+    # would slow, and change, what the floor and neuronmap measure: they get their own copy.
+    other = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
         time_neuronmap(model, tokenizer, prompts, Path(tmp))  # warm-up
         for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every method alike
@@ -174,7 +178,7 @@ def main() -> None:
             times["neuronmap"].append(time_neuronmap(model, tokenizer, prompts, Path(tmp)))
             times["floor_no_logits"].append(time_floor(model, batches, logits=False))
             for name, run in (("nnsight", time_nnsight), ("transformer_lens", time_transformer_lens)):
-                seconds = run(model, tokenizer, batches)
+                seconds = run(other, tokenizer, batches)
                 if seconds is not None:
                     times[name].append(seconds)
     medians = {name: statistics.median(v) for name, v in times.items() if v}

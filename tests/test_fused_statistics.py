@@ -76,3 +76,21 @@ def test_the_fused_mlp_forward_reads_what_the_hooks_read_and_is_removed(tiny_lla
             assert torch.equal(getattr(got, field), getattr(expected, field)), (key, field)
         for pooling in ("mean", "max", "last"):
             torch.testing.assert_close(got.pooled[pooling], expected.pooled[pooling], rtol=1e-4, atol=1e-5)
+
+
+def test_an_mlp_whose_forward_is_already_wrapped_is_read_by_hooks_and_left_alone(tiny_llama):
+    sites = MlpSites(tiny_llama)
+    mlp = sites.mlp(1)
+    wrapper = mlp.forward  # what accelerate's device hooks do: an instance-level forward
+    mlp.forward = wrapper
+    try:
+        recorder = SiteRecorder(sites, ["gate", "up", "act", "down"], ("mean",), 0.05, fused=True)
+        input_ids = torch.randint(3, 97, (2, 5))
+        with torch.inference_mode(), recorder.installed():
+            recorder.start_batch(TokenMask.from_attention_mask(torch.ones_like(input_ids)))
+            tiny_llama(input_ids=input_ids)
+            assert vars(mlp)["forward"] is wrapper and "forward" not in vars(sites.mlp(0))
+        assert len(recorder.observations) == 4 * sites.n_layers
+        assert vars(mlp)["forward"] is wrapper
+    finally:
+        del mlp.forward

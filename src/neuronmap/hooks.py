@@ -193,6 +193,8 @@ class SiteRecorder:
         if not self.fused or not {"gate", "up", "act"} <= set(self.site_names):
             return None
         mlps = [self.sites.mlp(layer) for layer in range(self.sites.n_layers)]
+        if any("forward" in vars(mlp) for mlp in mlps):
+            return None  # already wrapped (accelerate's device hooks, nnsight...): leave their forward alone
         activations = [fusable_activation(mlp) for mlp in mlps]
         return None if None in activations else list(zip(mlps, activations))
 
