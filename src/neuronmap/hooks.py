@@ -109,12 +109,9 @@ def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_th
     reductions come from one compiled kernel; otherwise from the same code run eagerly."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     valid = mask.valid.unsqueeze(-1)
-    statistics = (run_fused if fused else _eager)(site_reductions, x, valid, active_threshold)
+    statistics = (run_fused(site_reductions, x, valid, active_threshold) if fused
+                  else site_reductions(x, valid, active_threshold))
     return summarize(x, mask, poolings, statistics, pooled_dtype)
-
-
-def _eager(function, *args):
-    return function(*args)
 
 
 def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statistics,
