@@ -42,6 +42,20 @@ ADAPTERS: dict[str, MlpAdapter] = {
 }
 
 
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the
+# activations hooks.gated_mlp_statistics knows: only these may have their forward fused.
+GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
+                     "OlmoMLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP"}
+ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def fusable_activation(mlp: torch.nn.Module) -> str | None:
+    """The activation ("silu", "gelu_tanh") of a gated MLP whose forward may be fused, else None."""
+    if type(mlp).__name__ not in GATED_MLP_CLASSES:
+        return None
+    return ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__)
+
+
 def adapter_for(model_type: str) -> MlpAdapter:
     try:
         return ADAPTERS[model_type]

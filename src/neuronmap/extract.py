@@ -55,9 +55,9 @@ class Extraction:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device = next(model.parameters()).device
         self.sites = MlpSites(model)
-        self.store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
+        store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
-                                     settings.fused_statistics, self.store_dtype)
+                                     settings.fused_statistics, store_dtype)
         self.prompt_ids, self.texts = prompt_ids, texts
         self.token_ids = tokenizer(texts)["input_ids"]
         bos = tokenizer.bos_token_id

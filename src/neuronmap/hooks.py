@@ -1,5 +1,6 @@
-"""Forward hooks that read the MLP sites in one pass: pooled responses per prompt and the
-per-token statistics of every unit, computed on the device.
+"""Reading the MLP sites in one forward pass: pooled responses per prompt and the per-token
+statistics of every unit, computed on the device, by read hooks or (gated MLPs) by a fused
+MLP forward installed for the duration of the pass.
 
 Everything a hook computes for a batch is kept apart until the forward pass succeeds
 (`BatchObservation`), so a batch that fails (a CUDA out-of-memory, say) and is retried in
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .architectures import MlpSites
+from .architectures import MlpSites, fusable_activation
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +133,6 @@ def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statist
             raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
     return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), total_sq.double(), minimum, maxima.amax(0),
                             positive.float(), active.float(), maxima, peaks.to(torch.int32))
-
-
-# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the
-# activations `gated_mlp_statistics` knows: only these may have their forward fused.
-GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
-                     "OlmoMLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP"}
-ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
-
-
-def fusable_activation(mlp: torch.nn.Module) -> str | None:
-    if type(mlp).__name__ not in GATED_MLP_CLASSES:
-        return None
-    return ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__)
 
 
 class SiteRecorder:

@@ -43,9 +43,8 @@ class ResponseWriter:
 
     def __init__(self, path: str | Path, widths: dict[str, int], n_layers: int, poolings: Sequence[str],
                  dtype: str = "float16"):
-        self.value_type = VALUE_TYPES[dtype]
         self.dtype = np.dtype(dtype)
-        self.schema = schemas.responses(self.value_type, widths, n_layers, poolings)
+        self.schema = schemas.responses(VALUE_TYPES[dtype], widths, n_layers, poolings)
         # Activations barely compress; storing them plain keeps writes and reads cheap.
         compression = {name: "none" for name in self.schema.names if "/" in name}
         compression.update(prompt_id="zstd", n_tokens="zstd")

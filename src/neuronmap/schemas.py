@@ -20,12 +20,12 @@ PROMPTS = pa.schema([
 def responses(value_type: pa.DataType, widths: dict[str, int], n_layers: int, poolings) -> pa.Schema:
     """prompt_id, n_tokens, then `<pooling>/<site>/<layer>` columns: each value is the
     little-endian array of one prompt's unit responses, as fixed-size binary (docs/parquet.md)."""
-    dtype = value_type.to_pandas_dtype()
+    dtype = np.dtype(value_type.to_pandas_dtype())
     fields = [pa.field("prompt_id", pa.string()), pa.field("n_tokens", pa.int32())]
     for pooling in poolings:
         for site, width in widths.items():
-            metadata = {"dtype": np.dtype(dtype).name, "units": str(width)}
-            fields += [pa.field(f"{pooling}/{site}/{layer:03d}", pa.binary(width * np.dtype(dtype).itemsize),
+            metadata = {"dtype": dtype.name, "units": str(width)}
+            fields += [pa.field(f"{pooling}/{site}/{layer:03d}", pa.binary(width * dtype.itemsize),
                                 nullable=False, metadata=metadata) for layer in range(n_layers)]
     return pa.schema(fields)
 
