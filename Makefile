@@ -1,7 +1,9 @@
-# Quick start: `make run` (set up, then run the workflow on config.yaml) and `make test`.
+# Quick start: `make run` (set up, then run the workflow on config.yaml; `make run CONFIG=my.yaml`
+# for another config) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
+CONFIG ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuronmap-installed
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(CONFIG),--configfile $(CONFIG))
 
 test: $(STAMP)
 	$(BIN)/pytest -v tests

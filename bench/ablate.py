@@ -38,20 +38,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neuronmap.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate,  # noqa: E402
+from neuronmap.ablate.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate,  # noqa: E402
                                 evaluate_sweep)
-from neuronmap.architectures import MlpSites  # noqa: E402
-from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
-from neuronmap.evaluation import EvaluationSettings  # noqa: E402
-from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
-from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
-from neuronmap.relations import find_relation_file, load_relation  # noqa: E402
+from neuronmap.model.architectures import MlpSites  # noqa: E402
+from neuronmap.model.batching import encode, length_sorted_batches  # noqa: E402
+from neuronmap.ablate.settings import EvaluationSettings  # noqa: E402
+from neuronmap.model.loading import load_model, prepare_model  # noqa: E402
+from neuronmap.prepare.prompts import build_prompts
+from neuronmap.prepare.settings import PromptSettings  # noqa: E402
+from neuronmap.prepare.relations import find_relation_file, load_relation  # noqa: E402
 
 RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
              "word_first_letter", "verb_past_tense", "adj_comparative"]
 TOP_K = [100, 1000, 3000]
 SEEDS = [1, 2, 3]
-SETTINGS = EvaluationSettings(max_new_tokens=2, batch_size=16)
+SETTINGS = EvaluationSettings.defaults(max_new_tokens=2, batch_size=16)
 
 
 def model_dir() -> Path:
@@ -63,7 +64,7 @@ def model_dir() -> Path:
 
 def test_prompts(n: int) -> pl.DataFrame:
     relations = [load_relation(find_relation_file(REPO / "data" / "relations", r), r) for r in RELATIONS]
-    prompts = build_prompts(relations, PromptSettings(few_shot=3, max_facts=200, test_facts=50, seed=0))
+    prompts = build_prompts(relations, PromptSettings.defaults(few_shot=3, max_facts=200, test_facts=50, seed=0))
     prompts = prompts.filter(pl.col("split") == "test").sort("prompt_id")
     return prompts.sample(min(n, prompts.height), seed=0).sort("prompt_id")
 

@@ -28,16 +28,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neuronmap.batching import encode, length_sorted_batches  # noqa: E402
-from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings  # noqa: E402
-from neuronmap.host_memory import return_large_buffers_to_the_os  # noqa: E402
-from neuronmap.model_loading import load_model, prepare_model  # noqa: E402
-from neuronmap.prompts import PromptSettings, build_prompts  # noqa: E402
-from neuronmap.relations import find_relation_file, load_relation  # noqa: E402
+from neuronmap.model.batching import encode, length_sorted_batches  # noqa: E402
+from neuronmap.extract.engine import Extraction, ExtractionOutputs
+from neuronmap.extract.settings import ExtractionSettings  # noqa: E402
+from neuronmap.model.host_memory import return_large_buffers_to_the_os  # noqa: E402
+from neuronmap.model.loading import load_model, prepare_model  # noqa: E402
+from neuronmap.prepare.prompts import build_prompts
+from neuronmap.prepare.settings import PromptSettings  # noqa: E402
+from neuronmap.prepare.relations import find_relation_file, load_relation  # noqa: E402
 
 RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
              "word_first_letter", "verb_past_tense", "adj_comparative"]
-SETTINGS = ExtractionSettings(batch_size=64, batch_tokens=2048)
+SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048)
 
 
 def model_dir() -> Path:
@@ -49,7 +51,7 @@ def model_dir() -> Path:
 
 def identification_prompts(n: int) -> pl.DataFrame:
     relations = [load_relation(find_relation_file(REPO / "data" / "relations", r), r) for r in RELATIONS]
-    prompts = build_prompts(relations, PromptSettings(few_shot=3, test_facts=50, seed=0))
+    prompts = build_prompts(relations, PromptSettings.defaults(few_shot=3, test_facts=50, seed=0))
     prompts = prompts.filter(pl.col("split") == "identification").sort("prompt_id")
     if prompts.height < n:
         raise SystemExit(f"only {prompts.height} identification prompts available, asked for {n}")
@@ -79,7 +81,7 @@ def time_neuronmap(model, tokenizer, prompts, workdir: Path) -> float:
 
 def reduce_like_neuronmap(acts: dict, mask: torch.Tensor) -> None:
     """The reductions neuronmap does inside its hooks, applied to activations saved by another tool."""
-    from neuronmap.hooks import TokenMask, observe
+    from neuronmap.model.hooks import TokenMask, observe
     token_mask = TokenMask.from_attention_mask(mask)
     for x in acts.values():
         observe(x, token_mask, ("mean", "max", "last"), SETTINGS.active_threshold, fused=True)

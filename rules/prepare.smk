@@ -1,6 +1,4 @@
 rule prepare_model:
-    input:
-        code=package_files("model_loading", "architectures"),
     output:
         directory(f"{RUN}/model"),
     log:
@@ -12,10 +10,10 @@ rule prepare_model:
     resources:
         mem_mb=4000,
     params:
-        model=config["model"],
-        trust=trust_flag(),
+        settings=settings("prepare-model"),
+        code=code("prepare-model"),
     shell:
-        "neuronmap prepare-model --model {params.model:q} {params.trust} --out {output} 2> {log}"
+        "neuronmap prepare-model --settings {params.settings:q} --out {output} 2> {log}"
 
 
 # One prompts file per relation, so that adding a relation leaves the others' files (and their
@@ -23,7 +21,6 @@ rule prepare_model:
 rule prepare_prompts:
     input:
         relation=relation_file,
-        code=package_files("prompts", "relations"),
     output:
         f"{RUN}/prompts/{{relation}}.parquet",
     log:
@@ -35,25 +32,18 @@ rule prepare_prompts:
     resources:
         mem_mb=1000,
     params:
-        relations_dir=config["relations"]["dir"],
-        max_facts=config["relations"]["max_facts"],
-        templates=config["templates"],
-        few_shot=config["few_shot"],
-        split=config["split"],
-        shards=config["shards"],
+        settings=settings("prepare"),
+        code=code("prepare"),
     shell:
-        "neuronmap prepare --relations-dir {params.relations_dir:q} --relations {wildcards.relation} "
-        "--templates {params.templates} --few-shot {params.few_shot} --max-facts {params.max_facts} "
-        "--test-facts {params.split[test_facts]} --max-test-fraction {params.split[max_test_fraction]} "
-        "--seed {params.split[seed]} --shards {params.shards} --out {output} 2> {log}"
+        "neuronmap prepare --settings {params.settings:q} --relation {wildcards.relation} "
+        "--relation-file {input.relation:q} --out {output} 2> {log}"
 
 
 # Every relation's prompts in one file, for the stages that need all of them (negatives for
 # expertise, test prompts for evaluation).
 rule merge_prompts:
     input:
-        relations=expand(f"{RUN}/prompts/{{relation}}.parquet", relation=RELATIONS),
-        code=package_files(),
+        relations=per_relation(f"{RUN}/prompts/{{relation}}.parquet"),
     output:
         f"{RUN}/prompts.parquet",
     log:
@@ -64,5 +54,29 @@ rule merge_prompts:
         "../envs/neuronmap.yaml"
     resources:
         mem_mb=1000,
+    params:
+        code=code("merge-prompts"),
     shell:
         "neuronmap merge-prompts --inputs {input.relations} --out {output} 2> {log}"
+
+
+# The test prompts of the configured relations' translations, prompted like the source's.
+rule prepare_language_prompts:
+    input:
+        translations=language_files,
+    output:
+        f"{RUN}/prompts.languages.parquet",
+    log:
+        f"{RUN}/logs/prepare_language_prompts.log",
+    benchmark:
+        f"{RUN}/benchmarks/prepare_language_prompts.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=1000,
+    params:
+        settings=settings("prepare-languages"),
+        code=code("prepare-languages"),
+    shell:
+        "neuronmap prepare-languages --settings {params.settings:q} "
+        "--translations {input.translations:q} --out {output} 2> {log}"

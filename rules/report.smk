@@ -1,21 +1,19 @@
 rule report:
     input:
-        unpack(report_analyses),
         prompts=f"{RUN}/prompts.parquet",
         model=f"{RUN}/model",
         baseline=f"{RUN}/evaluation/baseline.parquet",
-        ablation=expand(f"{RUN}/ablation/{{relation}}.parquet", relation=RELATIONS),
-        units=expand(f"{RUN}/units/{{relation}}.parquet", relation=RELATIONS),
-        expertise=expand(f"{RUN}/expertise/{{relation}}.parquet", relation=RELATIONS),
+        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
+        expertise=per_relation(f"{RUN}/expertise/{{relation}}.parquet"),
         overlap=f"{RUN}/overlap.parquet",
-        code=package_files(
-            "report",
-            "report_data",
-            "report_charts",
-            "report_atlas",
-            "report_page",
-            "model_loading",
-        ),
+        significance=f"{RUN}/significance.parquet",
+        sweep=f"{RUN}/sweep.parquet",
+        neuron_stats=f"{RUN}/neuron_stats.parquet",
+        top_activations=f"{RUN}/top_activations.parquet",
+        decoded=f"{RUN}/decoded.parquet",
+        perplexity=f"{RUN}/perplexity.parquet",
+        sparsity=f"{RUN}/sparsity.parquet",
+        languages=f"{RUN}/languages.parquet",
         assets=REPORT_ASSETS,
     output:
         html=report(
@@ -36,10 +34,15 @@ rule report:
     resources:
         mem_mb=2000,
     params:
+        # The report shows the whole config (and its sha256): it reads every key.
         config_json=json.dumps(config, sort_keys=True),
-        analyses=report_analysis_options,
+        code=code("report"),
     shell:
-        "neuronmap report --prompts {input.prompts} --model-dir {input.model} --baseline {input.baseline} "
-        "--ablation {input.ablation} --units {input.units} --expertise {input.expertise} "
-        "--overlap {input.overlap} {params.analyses} --config-json {params.config_json:q} "
+        "neuronmap report --config-json {params.config_json:q} --prompts {input.prompts} "
+        "--model-dir {input.model} --baseline {input.baseline} --units {input.units} "
+        "--expertise {input.expertise} --overlap {input.overlap} "
+        "--significance {input.significance} --sweep {input.sweep} "
+        "--neuron-stats {input.neuron_stats} --top-activations {input.top_activations} "
+        "--decoded {input.decoded} --perplexity {input.perplexity} "
+        "--sparsity {input.sparsity} --languages {input.languages} "
         "--out {output.html} --figures-dir {output.figures} 2> {log}"

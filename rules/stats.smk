@@ -2,7 +2,6 @@ rule stats_block:
     input:
         prompts=f"{RUN}/prompts.parquet",
         responses=shard_outputs("parquet"),
-        code=package_files("expertise", "responses", "prompts"),
     output:
         f"{RUN}/expertise/blocks/block-{{block}}.parquet",
     log:
@@ -15,16 +14,11 @@ rule stats_block:
     resources:
         mem_mb=4000,
     params:
-        relations=RELATIONS,
-        pooling=config["pooling"],
-        blocks=config["stats_blocks"],
-        negatives_per_positive=config["negatives_per_positive"],
-        seed=config["split"]["seed"],
+        settings=settings("stats-block"),
+        code=code("stats-block"),
     shell:
-        "neuronmap stats-block --prompts {input.prompts} --responses {input.responses} "
-        "--relations {params.relations} --pooling {params.pooling} --block {wildcards.block} "
-        "--blocks {params.blocks} --negatives-per-positive {params.negatives_per_positive} "
-        "--seed {params.seed} --out {output} 2> {log}"
+        "neuronmap stats-block --settings {params.settings:q} --prompts {input.prompts} "
+        "--responses {input.responses} --block {wildcards.block} --out {output} 2> {log}"
 
 
 rule stats:
@@ -33,7 +27,6 @@ rule stats:
         blocks=expand(
             f"{RUN}/expertise/blocks/block-{{block}}.parquet", block=STATS_BLOCKS
         ),
-        code=package_files("expertise", "prompts"),
     output:
         expertise=f"{RUN}/expertise/{{relation}}.parquet",
         prompts=f"{RUN}/expertise/{{relation}}.prompts.parquet",
@@ -48,20 +41,18 @@ rule stats:
     resources:
         mem_mb=2000,
     params:
-        negatives_per_positive=config["negatives_per_positive"],
-        seed=config["split"]["seed"],
-        top_k=config["top_k"],
+        settings=settings("stats"),
+        code=code("stats"),
     shell:
-        "neuronmap stats --prompts {input.prompts} --blocks {input.blocks} "
-        "--relation {wildcards.relation} --negatives-per-positive {params.negatives_per_positive} "
-        "--seed {params.seed} --top-k {params.top_k} --out-expertise {output.expertise} "
-        "--out-prompts {output.prompts} --out-units {output.units} 2> {log}"
+        "neuronmap stats --settings {params.settings:q} --prompts {input.prompts} "
+        "--blocks {input.blocks} --relation {wildcards.relation} "
+        "--out-expertise {output.expertise} --out-prompts {output.prompts} "
+        "--out-units {output.units} 2> {log}"
 
 
 rule overlap:
     input:
-        units=expand(f"{RUN}/units/{{relation}}.parquet", relation=RELATIONS),
-        code=package_files("overlap"),
+        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
     output:
         f"{RUN}/overlap.parquet",
     log:
@@ -73,18 +64,16 @@ rule overlap:
     resources:
         mem_mb=1000,
     params:
-        top_k=config["top_k"],
+        settings=settings("overlap"),
+        code=code("overlap"),
     shell:
-        "neuronmap overlap --units {input.units} --top-k {params.top_k} --out {output} 2> {log}"
-
-
-# --- Analyses of the units (issue 4): shared units, LM-head decoding, sparsity ---
+        "neuronmap overlap --settings {params.settings:q} --units {input.units} "
+        "--out {output} 2> {log}"
 
 
 rule shared_units:
     input:
-        units=expand(f"{RUN}/units/{{relation}}.parquet", relation=RELATIONS),
-        code=package_files("analysis_commands", "overlap"),
+        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
     output:
         f"{RUN}/shared_units.parquet",
     log:
@@ -96,17 +85,16 @@ rule shared_units:
     resources:
         mem_mb=1000,
     params:
-        top_k=config["top_k"],
+        settings=settings("shared-units"),
+        code=code("shared-units"),
     shell:
-        "neuronmap shared-units --units {input.units} --top-k {params.top_k} --out {output} 2> {log}"
+        "neuronmap shared-units --settings {params.settings:q} --units {input.units} "
+        "--out {output} 2> {log}"
 
 
 rule decode:
     input:
         model=f"{RUN}/model",
-        code=package_files(
-            "analysis_commands", "decode", "architectures", "model_loading"
-        ),
     output:
         f"{RUN}/decoded.parquet",
     log:
@@ -120,22 +108,16 @@ rule decode:
         gpu=1,
         mem_mb=4000,
     params:
-        decode=config["decode"],
-        device=config["device"],
-        dtype=config["dtype"],
-        trust=trust_flag(),
+        settings=settings("decode"),
+        code=code("decode"),
     shell:
-        "neuronmap decode --model-dir {input.model} --sites {params.decode[sites]} "
-        "--norm-gain {params.decode[norm_gain]} --top-n {params.decode[top_n]} "
-        "--search {params.decode[search]} "
-        "--device {params.device} --dtype {params.dtype} {params.trust} --threads {threads} "
-        "--out {output} 2> {log}"
+        "neuronmap decode --settings {params.settings:q} --model-dir {input.model} "
+        "--threads {threads} --out {output} 2> {log}"
 
 
 rule sparsity:
     input:
         stats=f"{RUN}/neuron_stats.parquet",
-        code=package_files("analysis_commands", "sparsity"),
     output:
         layers=f"{RUN}/sparsity.parquet",
         dead=f"{RUN}/dead_units.parquet",
@@ -148,7 +130,8 @@ rule sparsity:
     resources:
         mem_mb=2000,
     params:
-        rare_rate=config["sparsity"]["rare_rate"],
+        settings=settings("sparsity"),
+        code=code("sparsity"),
     shell:
-        "neuronmap sparsity --neuron-stats {input.stats} --rare-rate {params.rare_rate} "
+        "neuronmap sparsity --settings {params.settings:q} --neuron-stats {input.stats} "
         "--out {output.layers} --out-dead {output.dead} 2> {log}"

@@ -24,7 +24,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The embedded SmolLM2-135M-Instruct, prepared once for the session (as the workflow does)."""
-    from neuronmap.model_loading import prepare_model
+    from neuronmap.model.loading import prepare_model
     out = tmp_path_factory.mktemp("model") / "smollm2"
     prepare_model("builtin:smollm2-135m-instruct", out)
     return out
@@ -32,7 +32,7 @@ def smollm2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
-    from neuronmap.model_loading import load_model
+    from neuronmap.model.loading import load_model
     return load_model(smollm2_dir, device="cpu", dtype="float32")
 
 

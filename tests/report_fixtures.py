@@ -1,8 +1,9 @@
-"""Stand-ins for the files of analyses that later stages write (per-token statistics, top
-activations, decoded tokens, paired significance, sweep, sparsity, languages, perplexity), in
-the columns those stages write, built around a real run so the report can be shown complete
-before those stages exist. Tokens and prompts are real (the run's prompts through the run's
-tokenizer, exactly as extraction records a peak token); the numbers are random."""
+"""Stand-ins for the run's analysis files (per-token statistics, top activations, decoded tokens,
+paired significance, sweep, sparsity, languages, perplexity), in the columns those stages write,
+built around a real run: the report is then shown with what a small run rarely has (significant
+cells, several languages, tokens on every atlas unit). Tokens and prompts are real (the run's
+prompts through the run's tokenizer, exactly as extraction records a peak token); the numbers
+are random, except the accuracies, which are the run's own (significance.parquet)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from neuronmap.parquet_io import write_table
-from neuronmap.report_atlas import load_tokenizer
+from neuronmap.ablate.sweep import sweep_table
+from neuronmap.io import tables
+from neuronmap.io.parquet import write_table
+from neuronmap.report.atlas import load_tokenizer
 
 KEY = ["site", "layer", "unit"]
 
@@ -80,34 +83,18 @@ def write_later_analyses(run_dir: Path, out_dir: Path, units_per_relation: int =
         .cast(pl.Int64), rare=(pl.col("frac_positive") < 0.01).sum().cast(pl.Int64),
     ).sort("site", "layer").write_parquet(paths["sparsity"])
 
-    # Paired statistics over the run's real ablation rows.
-    ablation = pl.concat([pl.read_parquet(p) for p in sorted((run_dir / "ablation").glob("*.parquet"))
-                          if not p.name.endswith((".predictions.parquet", ".languages.parquet",
-                                                  ".perplexity.parquet"))])
-    p_values = rng.random(ablation.height) ** 3
+    # Random paired statistics over the run's real accuracies; the sweep from them, as the workflow does.
+    significance = pl.read_parquet(run_dir / "significance.parquet")
+    p_values = rng.random(significance.height) ** 3
+    significance = significance.with_columns(
+        p_value=pl.Series(p_values), q_value=pl.Series(np.minimum(1, p_values * 3)),
+        significant=pl.Series(p_values * 3 < 0.05))
     paths["significance"] = out_dir / "significance.parquet"
-    ablation.with_columns(
-        lost=pl.lit(2, pl.Int64), gained=pl.lit(1, pl.Int64),
-        difference=pl.col("accuracy") - pl.col("baseline_accuracy"), ci_low=pl.col("accuracy") - 0.2,
-        ci_high=pl.col("accuracy") + 0.2, p_value=pl.Series(p_values), q_value=pl.Series(np.minimum(1, p_values * 3)),
-        significant=pl.Series(p_values * 3 < 0.05),
-    ).write_parquet(paths["significance"])
-    top = ablation.filter(pl.col("control") == "top_k")
-    random = ablation.filter(pl.col("control") == "random").group_by("ablated_relation", "eval_relation", "k").agg(
-        random_seeds=pl.len().cast(pl.Int64), random_accuracy_mean=pl.col("accuracy").mean(),
-        random_accuracy_sd=pl.col("accuracy").std(), random_accuracy_min=pl.col("accuracy").min(),
-        random_accuracy_max=pl.col("accuracy").max(), random_relative_drop_mean=pl.col("relative_drop").mean(),
-        random_significant_seeds=pl.lit(0, pl.Int64))
+    write_table(significance, paths["significance"], tables.SIGNIFICANCE)
     paths["sweep"] = out_dir / "sweep.parquet"
-    top.join(random, on=["ablated_relation", "eval_relation", "k"], how="left").select(
-        "ablated_relation", "eval_relation", "k", "n", "baseline_accuracy", pl.col("accuracy").alias("top_accuracy"),
-        pl.col("relative_drop").alias("top_relative_drop"),
-        (pl.col("accuracy") - pl.col("baseline_accuracy")).alias("top_difference"),
-        pl.lit(-0.1).alias("top_ci_low"), pl.lit(0.1).alias("top_ci_high"), pl.lit(0.5).alias("top_p_value"),
-        pl.lit(0.5).alias("top_q_value"), pl.lit(False).alias("top_significant"), "random_seeds",
-        "random_accuracy_mean", "random_accuracy_sd", "random_accuracy_min", "random_accuracy_max",
-        "random_relative_drop_mean", "random_significant_seeds").write_parquet(paths["sweep"])
+    write_table(sweep_table(significance), paths["sweep"], tables.SWEEP)
 
+    top = significance.filter(pl.col("control") == "top_k")
     own = top.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
     paths["languages"] = out_dir / "languages.parquet"
     pl.concat([own.with_columns(language=pl.lit(language), accuracy=pl.Series(rng.random(own.height)))
@@ -115,10 +102,10 @@ def write_later_analyses(run_dir: Path, out_dir: Path, units_per_relation: int =
         relative_drop=(pl.col("baseline_accuracy") - pl.col("accuracy")) / pl.col("baseline_accuracy"),
         significant=pl.Series(rng.random(3 * own.height) < 0.3)).write_parquet(paths["languages"])
 
-    relations = ablation["ablated_relation"].unique().sort()
+    relations = significance["ablated_relation"].unique().sort()
     paths["perplexity"] = out_dir / "perplexity.parquet"
     perplexity = rng.uniform(20, 40, len(relations))
-    pl.DataFrame({"ablated_relation": relations, "k": [int(ablation["k"].max())] * len(relations),
+    pl.DataFrame({"ablated_relation": relations, "k": [int(significance["k"].max())] * len(relations),
                   "control": ["top_k"] * len(relations), "seed": [None] * len(relations),
                   "tokens": [500] * len(relations), "nll": np.log(perplexity), "perplexity": perplexity,
                   "baseline_perplexity": [20.0] * len(relations), "ratio": perplexity / 20.0},

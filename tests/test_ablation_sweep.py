@@ -5,13 +5,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from neuronmap import ablation as ablation_module
-from neuronmap.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate, evaluate_plan,
+from neuronmap.ablate import ablation as ablation_module
+from neuronmap.ablate.ablation import (Ablation, DeactivationValue, ablations_for, deactivation_for, evaluate, evaluate_plan,
                                 evaluate_sweep, off_means)
 from neuronmap.errors import NeuronmapError
-from neuronmap.evaluation import EvaluationSettings
-from neuronmap.prompts import PromptSettings, build_prompts
-from neuronmap.relations import find_relation_file, load_relation
+from neuronmap.ablate.settings import EvaluationSettings
+from neuronmap.prepare.prompts import build_prompts
+from neuronmap.prepare.settings import PromptSettings
+from neuronmap.prepare.relations import find_relation_file, load_relation
 
 from conftest import RELATIONS
 
@@ -20,7 +21,7 @@ from conftest import RELATIONS
 def test_prompts():
     relations = [load_relation(find_relation_file(RELATIONS, name), name)
                  for name in ("country_capital_city", "verb_past_tense")]
-    prompts = build_prompts(relations, PromptSettings(max_facts=40, test_facts=12))
+    prompts = build_prompts(relations, PromptSettings.defaults(max_facts=40, test_facts=12))
     return prompts.filter(pl.col("split") == "test").sort("prompt_id").gather_every(4)
 
 
@@ -35,7 +36,7 @@ def test_sweep_predictions_equal_one_configuration_at_a_time(smollm2, test_promp
             Ablation("r", 1800, "random", 2, units)]
     values = [0.0, 0.0, 0.0, 2.5]  # the last one clamps instead of zeroing
     configs = [deactivation_for(a, DeactivationValue("clamp", v)) for a, v in zip(plan, values)]
-    settings = EvaluationSettings(max_new_tokens=2, batch_size=3)
+    settings = EvaluationSettings.defaults(max_new_tokens=2, batch_size=3)
     swept = evaluate_sweep(model, tokenizer, test_prompts, plan, configs, settings, configs_per_batch=3)
     for ablation, value in zip(plan, values):
         one = evaluate(model, tokenizer, test_prompts, ablation, settings, value=value)
@@ -87,26 +88,19 @@ def test_random_controls_are_evaluated_on_own_prompts_or_all(monkeypatch, random
     monkeypatch.setattr(ablation_module, "evaluate_sweep", fake_sweep)
     prompts = pl.DataFrame({"relation": ["r", "s", "r", "s"], "language": ["en", "en", "fr", "en"]})
     plan = [Ablation("r", 5, "top_k", None, {}), Ablation("r", 5, "random", 1, {}), Ablation("r", 5, "random", 2, {})]
-    frame = evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings(), 4, random_eval)
+    frame = evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings.defaults(), 4, random_eval)
     assert frame.filter(pl.col("control") == "top_k").height == 4
     assert frame.filter(pl.col("control") == "random").height == 2 * random_prompts
     if random_eval == "own":
         assert calls == [(["top_k"], ["r", "s", "r", "s"]), (["random", "random"], ["r", "r"])]
     with pytest.raises(NeuronmapError, match="ablation.random_eval: unknown 'some'"):
-        evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings(), 4, "some")
+        evaluate_plan(None, None, prompts, plan, [None] * 3, EvaluationSettings.defaults(), 4, "some")
 
 
 def test_configs_per_batch_auto_is_one_on_the_cpu_and_twelve_on_a_gpu():
-    import argparse
-
     import torch
 
-    from neuronmap.ablation import configs_per_batch_for
-    from neuronmap.analysis_commands import _configs_per_batch
+    from neuronmap.ablate.ablation import configs_per_batch_for
     assert configs_per_batch_for("auto", torch.device("cpu")) == 1
     assert configs_per_batch_for("auto", torch.device("cuda", 0)) == 12
     assert configs_per_batch_for(5, torch.device("cpu")) == 5
-    assert _configs_per_batch("auto") == "auto" and _configs_per_batch("3") == 3
-    for bad in ("0", "x", "-2"):
-        with pytest.raises(argparse.ArgumentTypeError, match="configs_per_batch"):
-            _configs_per_batch(bad)

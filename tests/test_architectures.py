@@ -4,10 +4,10 @@ read the right tensors and deactivation zeroes the right units."""
 import pytest
 import torch
 
-from neuronmap.architectures import MlpSites
-from neuronmap.deactivation import deactivated
+from neuronmap.model.architectures import MlpSites
+from neuronmap.model.deactivation import deactivated
 from neuronmap.errors import NeuronmapError
-from neuronmap.hooks import pooled_responses
+from neuronmap.model.hooks import pooled_responses
 
 
 def tiny(model_type):
@@ -123,3 +123,35 @@ def test_deactivation_zeroes_exactly_the_chosen_units(model_type):
 def test_gate_is_not_a_site_of_an_ungated_mlp():
     with pytest.raises(NeuronmapError, match="gate not available"):
         MlpSites(tiny("gpt2")).check(["gate", "up"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2", "gpt_neox", "opt"])
+def test_final_norm_gain_and_weight_orientation_come_from_the_adapter(model_type):
+    """decode asks architectures.py, and only it, for the final norm's gain and for each projection's
+    weight as [out, in] (GPT-2's Conv1D stores it transposed): both checked against the modules' outputs."""
+    from neuronmap.model import architectures
+    from neuronmap.stats import decode
+    assert decode.final_norm_gain is architectures.final_norm_gain
+    assert decode.linear_weight is architectures.linear_weight
+    model = tiny(model_type)
+    sites = MlpSites(model)
+    norm = architectures._get(model, sites.adapter.final_norm)
+    gain = architectures.final_norm_gain(model)
+    hidden = gain.shape[0]
+    # x has zero mean and unit variance (and RMS): norm(x) = gain * x + bias, whatever the norm's kind
+    x = torch.tensor([1.0, -1.0]).repeat(hidden // 2)
+    with torch.no_grad():
+        measured = (norm(x[None]) - norm(-x[None]))[0] / (2 * x)
+    torch.testing.assert_close(gain, measured, rtol=1e-3, atol=1e-4)
+    if model_type == "gemma":  # stored as weight - 1
+        torch.testing.assert_close(gain, 1 + norm.weight)
+    for name in ("up", "down"):
+        module = sites.projection(name, 0)
+        weight = architectures.linear_weight(module)
+        n_in, n_out = architectures._features(module)
+        assert weight.shape == (n_out, n_in), (model_type, name)
+        x = torch.randn(3, n_in)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x) - module(torch.zeros_like(x)), x @ weight.T, rtol=1e-4, atol=1e-5)
+    if model_type == "gpt2":
+        assert type(sites.projection("up", 0)).__name__ == "Conv1D"

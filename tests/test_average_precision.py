@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from neuronmap.expertise import average_precision
+from neuronmap.stats.expertise import average_precision
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -46,7 +46,7 @@ def test_no_positive_is_an_error():
 
 def test_shared_sort_with_excluded_prompts_matches_sklearn_per_relation():
     """One sort serves several relations, each counting only its own prompts."""
-    from neuronmap.expertise import average_precision_many
+    from neuronmap.stats.expertise import average_precision_many
     rng = np.random.default_rng(3)
     n, units, relations = 120, 25, 4
     scores = np.round(rng.normal(size=(n, units)) * 3) / 3  # ties

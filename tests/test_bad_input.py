@@ -1,9 +1,8 @@
 """Bad input: one clear message naming the key or file, a non-zero exit, nothing written.
 
-Most problems are caught while Snakemake parses the workflow (rules/common.smk), before any
-job starts, so the run's folder is never created. `top_k` larger than the number of units can
-only be known once the model is loaded; the stats job rejects it, writing none of its outputs.
-Every case reuses the e2e run's prepared model (a local directory), so nothing is converted.
+Every problem is caught while Snakemake parses the workflow (neuronmap.config.checks, called by
+rules/common.smk), before any job starts, so the run's folder is never created. Every case
+reuses the e2e run's prepared model (a local directory), so nothing is converted.
 """
 
 import json
@@ -54,7 +53,23 @@ def relation_file(directory: Path, name: str, templates, samples) -> Path:
 def custom_relation(tmp_path, templates, samples) -> dict:
     directory = tmp_path / "relations"
     relation_file(directory, "broken", templates, samples)
-    return {"relations": {"dir": str(directory), "names": ["broken"]}}
+    shutil.copy(REPO / "data" / "relations" / "factual" / "country_capital_city.json", directory)
+    return {"relations": {"dir": str(directory), "names": ["broken", "country_capital_city"]}}
+
+
+def gpt2_model(tmp_path) -> dict:
+    """A GPT-2 config without weights: its shape is all the checks read."""
+    model = tmp_path / "gpt2-like"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
+                                                   "vocab_size": 100}))
+    return {"model": str(model), "sites": ["up", "act", "down"], "decode": {"sites": ["gate"]}}
+
+
+def language_without_relations(tmp_path) -> dict:
+    folder = tmp_path / "languages" / "xx"
+    relation_file(folder, "unrelated_relation", ["{} is"], FACTS)
+    return {"languages": {"dir": str(tmp_path / "languages"), "evaluate": ["xx"]}}
 
 
 def unsupported_model(tmp_path) -> dict:
@@ -79,6 +94,18 @@ PARSE_TIME = [
     ("more-shards-than-prompts", lambda tmp: {"shards": 500}, "shards 500"),
     ("missing-model-path", lambda tmp: {"model": str(tmp / "no" / "such" / "model")}, "does not exist"),
     ("unsupported-architecture", unsupported_model, "model: unsupported architecture 'bert'"),
+    ("one-relation", lambda tmp: {"relations": {"names": ["country_capital_city"]}},
+     "relations.names: ['country_capital_city'] has one relation, but expertise needs at least two"),
+    ("pooling-not-stored", lambda tmp: {"pooling": "max", "poolings": ["mean"]},
+     "pooling: 'max' is not among poolings ['mean']"),
+    ("decode-site-not-in-architecture", gpt2_model, "decode.sites: gate not available in gpt2"),
+    ("language-without-folder", lambda tmp: {"languages": {"evaluate": ["xx"]}},
+     "languages.evaluate: 'xx' has no folder"),
+    ("language-without-relations", language_without_relations,
+     "languages.evaluate: 'xx' translates none of relations.names"),
+    # The down site of SmolLM2-135M has 30 layers x 576 units = 17280 units.
+    ("top-k-over-units", lambda tmp: {"sites": ["down"], "top_k": [20000]},
+     "top_k: 20000 is more than the 17280 units of sites ['down'] in llama (30 layers)"),
 ]
 
 
@@ -99,19 +126,3 @@ def test_bad_input_stops_before_any_job(base_config, run_name, tmp_path, case, c
     assert output.count(message) == 1 and "Traceback" not in output, output[-3000:]
     assert "rule " not in output  # no job was started
     assert not (REPO / "results" / run_name).exists()
-
-
-def test_top_k_larger_than_the_units_fails_in_stats_writing_nothing(base_config, run_name, tmp_path):
-    # The down site of SmolLM2-135M has 30 layers x 576 units = 17280 units.
-    config = {**base_config, "run": run_name, "sites": ["down"], "top_k": [20000], "shards": 1,
-              "relations": {**base_config["relations"], "max_facts": 12},
-              "split": {**base_config["split"], "test_facts": 4}}
-    relation = config["relations"]["names"][0]
-    run_dir = REPO / "results" / run_name
-    result = run_workflow(config, tmp_path, str(run_dir.relative_to(REPO) / "units" / f"{relation}.parquet"))
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "top_k: 20000 is larger than the 17280 units ranked" in output, output[-3000:]
-    assert "Traceback" not in output
-    assert not list((run_dir / "units").glob("*")) and not list((run_dir / "expertise").glob("*.parquet"))
-    assert not list(run_dir.rglob("*.tmp"))

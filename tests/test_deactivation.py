@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronmap.architectures import MlpSites
-from neuronmap.deactivation import Deactivation, RowDeactivation, deactivated
+from neuronmap.model.architectures import MlpSites
+from neuronmap.model.deactivation import Deactivation, RowDeactivation, deactivated
 
 CONFIGS = [
     Deactivation.constant({("gate", 1): [1, 5, 17], ("act", 2): [3]}),

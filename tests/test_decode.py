@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from neuronmap.decode import decode_neurons, final_norm_gain
+from neuronmap.stats.decode import decode_neurons, final_norm_gain
 
 
 class CharTokenizer:

@@ -1,6 +1,6 @@
 import pytest
 
-from neuronmap.evaluation import is_correct
+from neuronmap.ablate.evaluation import is_correct
 
 
 @pytest.mark.parametrize("generated, objects, match, case_sensitive, expected", [

@@ -2,9 +2,9 @@
 
 import torch
 
-from neuronmap import hooks
-from neuronmap.architectures import MlpSites
-from neuronmap.hooks import SiteRecorder, TokenMask, observe
+from neuronmap.model import hooks
+from neuronmap.model.architectures import MlpSites
+from neuronmap.model.hooks import SiteRecorder, TokenMask, observe
 
 
 def _batch(lengths, width, seed=0):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuronmap.architectures import MlpSites
-from neuronmap.batching import encode
-from neuronmap.deactivation import deactivated
-from neuronmap.hooks import SiteRecorder, TokenMask, pooled_responses
+from neuronmap.model.architectures import MlpSites
+from neuronmap.model.batching import encode
+from neuronmap.model.deactivation import deactivated
+from neuronmap.model.hooks import SiteRecorder, TokenMask, pooled_responses
 
 TEXTS = ["The capital city of France is", "Paris", "The past tense of run is ran and the past tense of go is"]
 
@@ -62,7 +62,7 @@ def test_pooled_response_matches_manual_computation(smollm2, pooling):
 def test_hooks_leave_logits_unchanged_and_are_removed(smollm2):
     model, tokenizer = smollm2
     batch = encode(tokenizer, TEXTS, torch.device("cpu"), padding_side="right")
-    recorder = SiteRecorder(MlpSites(model), ["gate", "up", "act", "down"], ("mean", "max", "last"))
+    recorder = SiteRecorder(MlpSites(model), ["gate", "up", "act", "down"], ("mean", "max", "last"), 0.05)
     with torch.inference_mode():
         plain = model(**batch).logits
         with recorder.installed():

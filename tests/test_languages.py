@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 
 from neuronmap.errors import NeuronmapError
-from neuronmap.languages import language_prompts
-from neuronmap.prompts import PromptSettings
-from neuronmap.relations import find_relation_file, load_relation
+from neuronmap.prepare.languages import language_prompts, translation_files
+from neuronmap.prepare.settings import PromptSettings
+from neuronmap.prepare.relations import find_relation_file, load_relation
 
 from conftest import REPO
 
@@ -31,8 +31,9 @@ def test_shipped_translations_parse_and_mirror_their_source():
 
 
 def test_language_prompts_are_test_prompts_with_prefixed_ids():
-    settings = PromptSettings(templates=(0,), few_shot=3, test_facts=50, max_test_fraction=0.5, seed=0)
-    prompts = language_prompts(LANGUAGES, ["fr", "de"], ["country_capital_city", "verb_past_tense"], settings)
+    settings = PromptSettings.defaults(templates=(0,), few_shot=3, test_facts=50, max_test_fraction=0.5, seed=0)
+    files = translation_files(LANGUAGES, ["fr", "de"], ["country_capital_city", "verb_past_tense"])
+    prompts = language_prompts(files, settings)
     assert set(prompts["language"]) == {"fr", "de"} and set(prompts["relation"]) == {"country_capital_city"}
     assert (prompts["split"] == "test").all() and prompts["prompt_id"].is_unique().all()
     fr = prompts.filter(pl.col("language") == "fr")
@@ -45,4 +46,4 @@ def test_language_prompts_are_test_prompts_with_prefixed_ids():
 
 def test_missing_language_folder_is_named(tmp_path):
     with pytest.raises(NeuronmapError, match="languages.evaluate: 'xx' has no folder"):
-        language_prompts(tmp_path, ["xx"], ["country_capital_city"], PromptSettings())
+        translation_files(tmp_path, ["xx"], ["country_capital_city"])

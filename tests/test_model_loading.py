@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neuronmap.errors import NeuronmapError
-from neuronmap.model_loading import MANIFEST, load_model, pick_dtype, prepare_model
+from neuronmap.model.loading import MANIFEST, load_model, pick_dtype, prepare_model
 
 
 def test_gguf_is_converted_once_into_safetensors(smollm2_dir):
@@ -31,7 +31,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("/nonexistent/model", "neither a local directory"),
+    ("/nonexistent/model", "does not exist"),
     ("missing.gguf", "GGUF file missing.gguf not found"),
     ("nobody/not-a-cached-model", "not in the local Hugging Face cache"),
     ("builtin:gpt-9", "unknown builtin model"),

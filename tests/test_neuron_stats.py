@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuronmap.extract import Extraction, ExtractionOutputs, ExtractionSettings
-from neuronmap.neuron_stats import merge_partials, merge_tops
-from neuronmap.parquet_io import read_table
-from neuronmap.responses import ResponseReader
+from neuronmap.extract.engine import Extraction, ExtractionOutputs
+from neuronmap.extract.settings import ExtractionSettings
+from neuronmap.extract.neuron_stats import merge_partials, merge_tops
+from neuronmap.io.parquet import read_table
+from neuronmap.io.responses import ResponseReader
 
 TEXTS = [f"The capital city of {c} is" for c in ("France", "Germany", "Peru", "the United Kingdom", "Chad")] + \
         [f"The past tense of {v} is" for v in ("go", "run", "think", "sing", "bring", "catch", "be")] + \
         ["Hello", "A star in the constellation of Orion, the hunter, is Betelgeuse", "x y z"]
 IDS = [f"p{i:02d}" for i in range(len(TEXTS))]
-SETTINGS = ExtractionSettings(sites=("gate", "act", "down"), batch_size=4, batch_tokens=48, top_n=3,
+SETTINGS = ExtractionSettings.defaults(sites=("gate", "act", "down"), batch_size=4, batch_tokens=48, top_n=3,
                               active_threshold=0.1)
 
 
@@ -96,10 +97,11 @@ def test_statistics_equal_a_direct_computation(smollm2, sharded, site, layer):
     np.testing.assert_allclose(row["frac_positive"], (tokens > 0).mean(0), atol=1e-12)
     np.testing.assert_allclose(row["frac_active"], (np.abs(tokens) > 0.1).mean(0), atol=1e-12)
     # The top prompt of unit 5 is the prompt with the highest peak, at the peak's position.
+    # Prompts that share their first tokens may tie at the peak: any of them may come first.
     peaks = [float(v[:, 5].max()) for v in per_prompt]
-    best = int(np.argmax(peaks))
     top = tops.filter((pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == 5)).sort("rank")
-    assert top["prompt_id"][0] == IDS[best]
+    best = IDS.index(top["prompt_id"][0])
+    assert peaks[best] == pytest.approx(max(peaks), rel=1e-4, abs=1e-5)
     assert top["position"][0] == int(per_prompt[best][:, 5].argmax())
     assert top["value"][0] == pytest.approx(peaks[best], rel=1e-4, abs=1e-5)
     # Pooled responses stored for every pooling agree with the same tokens.
@@ -111,7 +113,7 @@ def test_statistics_equal_a_direct_computation(smollm2, sharded, site, layer):
 
 
 def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(smollm2, sharded, tmp_path, monkeypatch, caplog):
-    import neuronmap.extract as extract
+    import neuronmap.extract.engine as extract
     model, tokenizer = smollm2
     real_forward = extract.forward_without_logits
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from neuronmap import perplexity
-from neuronmap.architectures import MlpSites
-from neuronmap.deactivation import Deactivation, deactivated
+from neuronmap.ablate import perplexity
+from neuronmap.model.architectures import MlpSites
+from neuronmap.model.deactivation import Deactivation, deactivated
 from neuronmap.errors import NeuronmapError
 
 # (units, value): each as a RowDeactivation configuration and as a single `deactivated` context.

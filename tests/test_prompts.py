@@ -4,8 +4,9 @@ import polars as pl
 import pytest
 
 from neuronmap.errors import NeuronmapError
-from neuronmap.prompts import PromptSettings, build_prompts
-from neuronmap.relations import find_relation_file, load_relation
+from neuronmap.prepare.prompts import build_prompts
+from neuronmap.prepare.settings import PromptSettings
+from neuronmap.prepare.relations import find_relation_file, load_relation
 
 from conftest import RELATIONS
 
@@ -19,7 +20,7 @@ def load(name):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_no_subject_in_both_splits(seed):
     prompts = build_prompts([load(n) for n in SOME],
-                            PromptSettings(few_shot=3, test_facts=50, seed=seed, shards=3))
+                            PromptSettings.defaults(few_shot=3, test_facts=50, seed=seed), shards=3)
     for relation, group in prompts.group_by("relation"):
         identification = set(group.filter(pl.col("split") == "identification")["subject"])
         test = set(group.filter(pl.col("split") == "test")["subject"])
@@ -28,7 +29,7 @@ def test_no_subject_in_both_splits(seed):
 
 
 def test_deterministic_and_independent_of_other_relations():
-    settings = PromptSettings(few_shot=3, test_facts=20, seed=5, shards=2)
+    settings = PromptSettings.defaults(few_shot=3, test_facts=20, seed=5)
     alone = build_prompts([load("verb_past_tense")], settings)
     together = build_prompts([load("country_capital_city"), load("verb_past_tense")], settings)
     assert alone.equals(build_prompts([load("verb_past_tense")], settings))
@@ -37,7 +38,7 @@ def test_deterministic_and_independent_of_other_relations():
 
 def test_demonstrations_come_from_identification_never_the_asked_fact():
     relation = load("country_capital_city")
-    prompts = build_prompts([relation], PromptSettings(few_shot=3, test_facts=8, seed=0))
+    prompts = build_prompts([relation], PromptSettings.defaults(few_shot=3, test_facts=8, seed=0))
     identification_subjects = set(prompts.filter(pl.col("split") == "identification")["subject"])
     template = relation.templates[0]
     for row in prompts.iter_rows(named=True):
@@ -49,7 +50,7 @@ def test_demonstrations_come_from_identification_never_the_asked_fact():
 
 
 def test_shards_cover_identification_prompts_only():
-    prompts = build_prompts([load("landmark_in_country")], PromptSettings(shards=4, max_facts=100))
+    prompts = build_prompts([load("landmark_in_country")], PromptSettings.defaults(max_facts=100), shards=4)
     assert prompts.filter(pl.col("split") == "test")["shard"].null_count() == \
         prompts.filter(pl.col("split") == "test").height
     sizes = prompts.filter(pl.col("split") == "identification").group_by("shard").len()["len"]
@@ -90,4 +91,4 @@ def test_malformed_relation_file_names_the_file(tmp_path, payload, message):
 def test_too_few_facts_for_the_split(tmp_path):
     path = write(tmp_path, GOOD)
     with pytest.raises(NeuronmapError, match="too few"):
-        build_prompts([load_relation(path)], PromptSettings(few_shot=3))
+        build_prompts([load_relation(path)], PromptSettings.defaults(few_shot=3))

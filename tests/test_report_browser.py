@@ -1,9 +1,8 @@
 """The report of the end-to-end run, opened in real headless Chromium: it renders offline with no
 console error and no request but the file itself, every figure has a size, and the atlas filters
-as a reader would use it. Then the same run with every later analysis present (stand-in files
-from report_fixtures), and `snakemake --report` over the registered outputs."""
+as a reader would use it. Then the same run with stand-in analysis files (report_fixtures: random
+significance, several languages), and `snakemake --report` over the registered outputs."""
 
-import json
 import zipfile
 from pathlib import Path
 
@@ -16,9 +15,9 @@ from report_browser import browser, open_report, unavailable_reason
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 KEY = ["site", "layer", "unit"]
-# Files of later analyses; the report names each it lacks in a "Not yet run" note.
-OPTIONAL_FILES = ["neuron_stats.parquet", "top_activations.parquet", "decoded.parquet", "significance.parquet",
-                  "languages.parquet", "perplexity.parquet"]
+# One figure per section that draws one; every analysis the workflow runs has its place.
+FIGURES = {"baseline_accuracy", "cumulativity", "drop_matrix", "overlap", "placement", "sparsity", "languages",
+           "perplexity"}
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
 
@@ -84,10 +83,7 @@ def test_report_of_the_e2e_run_in_chromium(e2e_run, chromium):
         print(f"\ne2e report: {size_mb:.2f} MB, rendered in {opened.seconds_to_render:.2f} s")
         assert size_mb < 10
 
-        # What is missing says so in place.
-        notes = page.eval_on_selector_all(".missing", "ps => ps.map(p => p.textContent)")
-        for name in OPTIONAL_FILES:
-            assert ((e2e_run / name).exists()) != any(name in note for note in notes), name
+        assert {figure["name"] for figure in data["figures"]} == FIGURES
 
         # The atlas holds exactly the union of every relation's top units.
         atlas = data["atlas"]
@@ -169,21 +165,21 @@ def complete_report(e2e_run, tmp_path_factory):
     """The e2e run's report rebuilt with stand-ins for every later analysis."""
     from report_fixtures import write_later_analyses
 
-    from neuronmap.report import ReportInputs, build_report
+    from neuronmap.config.schema import validated
+    from neuronmap.report.build import ReportInputs, build_report
     out = tmp_path_factory.mktemp("complete")
     extra = write_later_analyses(e2e_run, out / "analyses")
     relations = sorted(expertise_files(e2e_run))
     inputs = ReportInputs(
         prompts=e2e_run / "prompts.parquet", model_dir=e2e_run / "model",
         baseline=e2e_run / "evaluation" / "baseline.parquet",
-        ablation=[e2e_run / "ablation" / f"{r}.parquet" for r in relations],
         units=[e2e_run / "units" / f"{r}.parquet" for r in relations],
         expertise=[e2e_run / "expertise" / f"{r}.parquet" for r in relations],
         overlap=e2e_run / "overlap.parquet", **extra)
     config = yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text())
     config.update(sites=["gate", "up", "act", "down"], pooling="mean", few_shot=3, run="complete",
                   report={"atlas_units_per_relation": 150, "atlas_prompts_per_unit": 4})
-    build_report(inputs, json.dumps(config, sort_keys=True), out / "report.html", out / "figures")
+    build_report(inputs, validated(config), out / "report.html", out / "figures")
     return out, extra
 
 
@@ -192,8 +188,7 @@ def test_report_with_every_analysis_in_chromium(complete_report, chromium):
     with open_report(chromium, out / "report.html") as opened:
         data = check_rendered_offline(opened, out / "figures")
         page = opened.page
-        assert page.query_selector(".missing") is None
-        assert {"sparsity", "languages"} <= {p.stem for p in (out / "figures").glob("*.svg")}
+        assert {p.stem for p in (out / "figures").glob("*.svg")} == FIGURES
         atlas = data["atlas"]
         assert atlas["units_per_relation"] == 150
 

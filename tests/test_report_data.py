@@ -9,30 +9,44 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from neuronmap import report_data as data
+from neuronmap.ablate.sweep import paired_table, sweep_table
 from neuronmap.errors import NeuronmapError
-from neuronmap.report_atlas import atlas_units, build_atlas, decoded_tokens, peak_span
-from neuronmap.report_page import script_json
+from neuronmap.io import tables
+from neuronmap.report import data
+from neuronmap.report.atlas import atlas_units, build_atlas, decoded_tokens, peak_span
+from neuronmap.report.page import script_json
 
 
-def ablation_rows(rows):
-    return pl.DataFrame(rows, schema={"ablated_relation": pl.String, "k": pl.Int64, "control": pl.String,
-                                      "seed": pl.Int64, "eval_relation": pl.String, "n": pl.Int64,
-                                      "correct": pl.Int64, "accuracy": pl.Float64, "baseline_accuracy": pl.Float64,
-                                      "relative_drop": pl.Float64}, orient="row")
+def significance_rows(rows):
+    """Rows of significance.parquet: the accuracy columns, then the paired statistics (made up
+    here except `difference`, `significant` and `p_value`, which the tests read)."""
+    frame = pl.DataFrame(rows, schema={"ablated_relation": pl.String, "k": pl.Int64, "control": pl.String,
+                                       "seed": pl.Int64, "eval_relation": pl.String, "n": pl.Int64,
+                                       "correct": pl.Int64, "accuracy": pl.Float64, "baseline_accuracy": pl.Float64,
+                                       "relative_drop": pl.Float64, "significant": pl.Boolean,
+                                       "p_value": pl.Float64}, orient="row")
+    return frame.with_columns(
+        lost=pl.lit(0, pl.Int64), gained=pl.lit(0, pl.Int64),
+        difference=pl.col("accuracy") - pl.col("baseline_accuracy"), ci_low=pl.lit(-0.1), ci_high=pl.lit(0.1), q_value=pl.col("p_value") * 2,
+    ).select(tables.SIGNIFICANCE.names)
 
 
 @pytest.fixture
-def ablation():
+def significance():
     # a: baseline 0.8; top 10 -> 0.4; random seeds 1, 2 -> 0.8, 0.6. b evaluated under a's ablation too.
-    return ablation_rows([
-        ("a", 10, "top_k", None, "a", 10, 4, 0.4, 0.8, 0.5),
-        ("a", 10, "random", 1, "a", 10, 8, 0.8, 0.8, 0.0),
-        ("a", 10, "random", 2, "a", 10, 6, 0.6, 0.8, 0.25),
-        ("a", 10, "top_k", None, "b", 5, 5, 1.0, 0.5, -1.0),
-        ("a", 10, "random", 1, "b", 5, 2, 0.4, 0.5, 0.2),
-        ("a", 10, "random", 2, "b", 5, 3, 0.6, 0.5, -0.2),
+    return significance_rows([
+        ("a", 10, "top_k", None, "a", 10, 4, 0.4, 0.8, 0.5, False, 0.2),
+        ("a", 10, "random", 1, "a", 10, 8, 0.8, 0.8, 0.0, False, 1.0),
+        ("a", 10, "random", 2, "a", 10, 6, 0.6, 0.8, 0.25, False, 0.5),
+        ("a", 10, "top_k", None, "b", 5, 5, 1.0, 0.5, -1.0, True, 0.01),
+        ("a", 10, "random", 1, "b", 5, 2, 0.4, 0.5, 0.2, False, 0.9),
+        ("a", 10, "random", 2, "b", 5, 3, 0.6, 0.5, -0.2, True, 0.02),
     ])
+
+
+@pytest.fixture
+def sweep(significance):
+    return sweep_table(significance)
 
 
 @pytest.fixture
@@ -46,8 +60,8 @@ def test_baseline_accuracy_counts_correct_predictions(baseline):
     assert baseline.rows() == [("a", 0.8, 10, 8), ("b", 0.5, 4, 2)]
 
 
-def test_cumulativity_starts_at_baseline_and_spans_the_random_seeds(ablation, baseline):
-    curve = data.cumulativity(ablation, baseline)
+def test_cumulativity_starts_at_baseline_and_spans_the_random_seeds(sweep, baseline):
+    curve = data.cumulativity(sweep, baseline)
     rows = {(r["control"], r["k"]): r for r in curve.filter(pl.col("relation") == "a").to_dicts()}
     assert rows[("top_k", 0)]["accuracy"] == rows[("random", 0)]["accuracy"] == 0.8
     assert rows[("top_k", 10)]["accuracy"] == 0.4
@@ -58,72 +72,42 @@ def test_cumulativity_starts_at_baseline_and_spans_the_random_seeds(ablation, ba
     assert curve["relation"].unique().to_list() == ["a"]
 
 
-def test_a_sweep_table_draws_the_same_curve(ablation, baseline):
-    """The sweep stage summarizes the random seeds itself; the curve must not change."""
-    random = ablation.filter(pl.col("control") == "random").group_by("ablated_relation", "eval_relation", "k").agg(
-        random_seeds=pl.len().cast(pl.Int64), random_accuracy_mean=pl.col("accuracy").mean(),
-        random_accuracy_min=pl.col("accuracy").min(), random_accuracy_max=pl.col("accuracy").max())
-    sweep = ablation.filter(pl.col("control") == "top_k").join(random, on=["ablated_relation", "eval_relation", "k"]) \
-        .rename({"accuracy": "top_accuracy"})
-    from_sweep = data.cumulativity_from_sweep(sweep, baseline)
-    direct = data.cumulativity(ablation, baseline)
-    assert_frame_equal(from_sweep, direct, check_exact=False)
-
-
-def test_recall_summary_has_one_column_per_condition(ablation, baseline):
-    summary = data.recall_summary(baseline, data.cumulativity(ablation, baseline))
+def test_recall_summary_has_one_column_per_condition(sweep, baseline):
+    summary = data.recall_summary(baseline, data.cumulativity(sweep, baseline))
     assert summary.columns == ["relation", "test prompts", "baseline", "top 10", "random 10"]
     assert summary.row(0) == ("a", 10, 0.8, 0.4, pytest.approx(0.7))
     assert summary.row(1)[3] is None
 
 
-def test_significance_marks_from_p_values_intervals_or_flags():
-    base = {"ablated_relation": ["a", "a", "a", "a"], "eval_relation": ["a", "b", "c", "d"], "k": [10] * 4}
-    p = data.significance_marks(pl.DataFrame({**base, "p_value": [0.0005, 0.005, 0.03, 0.2]}))
-    assert p["mark"].to_list() == ["***", "**", "*", ""]
-    ci = data.significance_marks(pl.DataFrame({**base, "ci_low": [0.1, -0.3, -0.2, -0.1],
-                                               "ci_high": [0.3, -0.1, 0.1, 0.0]}))
-    assert ci["mark"].to_list() == ["*", "*", "", ""]
-    flags = data.significance_marks(pl.DataFrame({**base, "significant": [True, False, True, False],
-                                                  "p_value": [0.01, 0.02, 0.01, 0.5],
-                                                  "control": ["top_k", "top_k", "random", "top_k"]}))
-    # The table's own decision wins over raw p-values (it may correct for multiple tests).
-    assert flags["eval_relation"].to_list() == ["a", "b", "d"] and flags["mark"].to_list() == ["*", "", ""]
-    assert flags["p_value"].to_list() == [0.01, 0.02, 0.5] and flags["q_value"].null_count() == 3
-    assert data.significance_marks(None) is None
-    with pytest.raises(NeuronmapError, match="p_value"):
-        data.significance_marks(pl.DataFrame(base))
-    with pytest.raises(NeuronmapError, match="eval_relation"):
-        data.significance_marks(pl.DataFrame({"ablated_relation": ["a"], "k": [1], "p_value": [0.1]}))
-
-
-def test_drop_cells_carry_the_random_control_and_the_mark(ablation):
-    marks = data.significance_marks(pl.DataFrame({"ablated_relation": ["a"], "eval_relation": ["b"], "k": [10],
-                                                  "p_value": [0.01]}))
-    cells = data.drop_cells(ablation, marks)
+def test_drop_cells_carry_the_random_control_and_the_mark(significance):
+    cells = data.drop_cells(significance)
+    assert cells.columns == ["ablated_relation", "eval_relation", "k", "relative_drop", "accuracy",
+                             "baseline_accuracy", "n", "random_drop", "mark", "p_value", "q_value", "label"]
     b = cells.filter(pl.col("eval_relation") == "b").row(0, named=True)
     assert b["relative_drop"] == -1.0 and b["random_drop"] == pytest.approx(0.0) and b["label"] == "-1.0*"
+    assert (b["p_value"], b["q_value"]) == (0.01, 0.02)
     a = cells.filter(pl.col("eval_relation") == "a").row(0, named=True)
     assert a["random_drop"] == pytest.approx(0.125) and a["label"] == "0.5"
-    unmarked = data.drop_cells(ablation, None)
-    assert unmarked["label"].to_list() == ["0.5", "-1.0"]
+    # Only the top-k ablation's own test marks a cell, not its random controls'.
+    assert cells["label"].to_list() == ["0.5", "-1.0*"]
 
 
-def test_sparsity_per_layer_matches_numpy():
-    rng = np.random.default_rng(0)
-    n = 3 * 40
-    frac = rng.random(n)
-    frac[rng.choice(n, 7, replace=False)] = 0.0
-    stats = pl.DataFrame({"site": ["gate"] * n, "layer": np.repeat([0, 1, 2], 40).astype(np.int32),
-                          "unit": np.tile(np.arange(40), 3).astype(np.int32), "frac_positive": frac,
-                          "frac_active": frac / 2})
-    per_layer = data.sparsity(stats)
-    for layer in range(3):
-        row = per_layer.filter(pl.col("layer") == layer).row(0, named=True)
-        chunk = frac[layer * 40:(layer + 1) * 40]
-        assert row["firing_rate"] == pytest.approx(chunk.mean())
-        assert row["active_rate"] == pytest.approx(chunk.mean() / 2)
-        assert row["dead_units"] == int((chunk == 0).sum()) and row["units"] == 40
+def test_drop_cells_read_the_numbers_paired_table_computes():
+    """The report's drop matrix holds significance.parquet's accuracy and relative drop as they are."""
+    predictions = pl.DataFrame({
+        "ablated_relation": ["a"] * 8, "k": [1] * 8, "control": ["top_k"] * 4 + ["random"] * 4,
+        "seed": [None] * 4 + [3] * 4, "prompt_id": ["p1", "p2", "q1", "q2"] * 2,
+        "eval_relation": ["a", "a", "b", "b"] * 2, "correct": [False, True, True, False, True, True, False, False]},
+        schema_overrides={"seed": pl.Int64})
+    baseline = pl.DataFrame({"prompt_id": ["p1", "p2", "q1", "q2"], "correct": [True, True, True, False]})
+    significance = paired_table(predictions, baseline, n_resamples=10)
+    cells = data.drop_cells(significance)
+    columns = ["ablated_relation", "eval_relation", "k", "relative_drop", "accuracy", "baseline_accuracy", "n"]
+    top = significance.filter(pl.col("control") == "top_k").select(columns).sort("k", "ablated_relation",
+                                                                                 "eval_relation")
+    assert_frame_equal(cells.select(columns), top)
+    assert cells["relative_drop"].to_list() == [0.5, 0.0]
+    assert cells["random_drop"].to_list() == [0.0, 1.0]
 
 
 def test_stage_times_sum_jobs_per_stage(tmp_path):
@@ -138,9 +122,10 @@ def test_stage_times_sum_jobs_per_stage(tmp_path):
     assert data.stage_times(tmp_path / "none").height == 0
 
 
-def test_config_digest_is_sha256_of_the_json():
-    text = json.dumps({"run": "x", "top_k": [1, 2]}, sort_keys=True)
-    assert data.config_digest(text) == hashlib.sha256(text.encode()).hexdigest()
+def test_config_digest_is_sha256_of_the_json_the_rule_passes():
+    text = json.dumps({"run": "x", "top_k": [1, 2], "ablation": {"value": "zero", "clamp_value": 1e-05},
+                       "name": "Brasília"}, sort_keys=True)
+    assert data.config_digest(json.loads(text)) == hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_expertise(tmp_path, relations, n_units=60, seed=0):
@@ -198,7 +183,7 @@ def test_decoded_tokens_long_or_list_form():
 
 def test_peak_span_finds_each_token_of_real_prompts(smollm2_dir):
     """The span of position p must spell the token the extraction records there (its decode)."""
-    from neuronmap.report_atlas import load_tokenizer
+    from neuronmap.report.atlas import load_tokenizer
     tokenizer = load_tokenizer(smollm2_dir)
     texts = ["The capital city of France is Paris\nThe capital city of Brazil is Brasília",
              "walk -> walked\nswim -> swam\n  go ->", "Ünïcödé  spaced\ttext"]
@@ -253,7 +238,7 @@ def test_sparsity_table_and_language_cells_read_the_analysis_columns():
                           "firing_rate_mean": [0.3, 0.5], "firing_rate_median": [0.2, 0.4],
                           "active_rate_mean": [0.1, 0.2], "active_rate_median": [0.1, 0.2], "dead": [1, 0],
                           "never_active": [2, 0], "rare": [3, 1]})
-    assert data.sparsity_from_table(table).rows() == [("gate", 0, 0.5, 0.2, 0, 10), ("up", 0, 0.3, 0.1, 1, 10)]
+    assert data.sparsity(table).rows() == [("gate", 0, 0.5, 0.2, 0, 10), ("up", 0, 0.3, 0.1, 1, 10)]
     languages = pl.DataFrame({"ablated_relation": ["a", "a", "a", "b"], "eval_relation": ["a", "a", "a", "a"],
                               "control": ["top_k", "top_k", "random", "top_k"], "k": [5] * 4,
                               "language": ["de", "fr", "de", "de"], "n": [10] * 4, "accuracy": [0.2, 0.5, 0.4, 0.1],

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from neuronmap.errors import NeuronmapError
-from neuronmap.parquet_io import read_table
-from neuronmap.responses import ResponseReader, ResponseWriter
+from neuronmap.io.parquet import read_table
+from neuronmap.io.responses import ResponseReader, ResponseWriter
 
 
 def write_shard(path, ids, rng, dtype="float16"):

@@ -5,8 +5,8 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from neuronmap.significance import benjamini_hochberg, bootstrap_interval, mcnemar_exact, paired_difference
-from neuronmap.sweep import paired_table, sweep_table
+from neuronmap.ablate.significance import benjamini_hochberg, bootstrap_interval, mcnemar_exact, paired_difference
+from neuronmap.ablate.sweep import paired_table, sweep_table
 
 
 def test_identical_predictions_give_zero_difference():

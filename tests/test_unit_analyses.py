@@ -4,9 +4,10 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from neuronmap import schemas
+from neuronmap.io import tables
 from neuronmap.cli import main
-from neuronmap.overlap import shared_units, unit_overlap
+from neuronmap.stats.settings import SparsitySettings
+from neuronmap.stats.overlap import shared_units, unit_overlap
 
 
 def selected(relation, units):
@@ -36,6 +37,9 @@ def test_shared_units_are_the_intersections_and_agree_with_overlap_counts():
     assert (shared["relation_a"] < shared["relation_b"]).all()
 
 
+SPARSITY = ["--settings", SparsitySettings(rare_rate=0.01).to_json()]
+
+
 def test_sparsity_of_a_synthetic_statistics_file(tmp_path):
     """Three gate units of layer 0 (one dead, one rare), two act units of layer 1 (one never active)."""
     stats = pl.DataFrame({
@@ -46,9 +50,9 @@ def test_sparsity_of_a_synthetic_statistics_file(tmp_path):
     source = tmp_path / "neuron_stats.parquet"
     stats.write_parquet(source)
     out, dead = tmp_path / "sparsity.parquet", tmp_path / "dead.parquet"
-    assert main(["sparsity", "--neuron-stats", str(source), "--rare-rate", "0.01", "--out", str(out),
+    assert main(["sparsity", *SPARSITY, "--neuron-stats", str(source), "--out", str(out),
                  "--out-dead", str(dead)]) == 0
-    assert pq.read_schema(out).remove_metadata().equals(schemas.SPARSITY)
+    assert pq.read_schema(out).remove_metadata().equals(tables.SPARSITY)
     layers = pl.read_parquet(out)
     gate = layers.filter(pl.col("site") == "gate").row(0, named=True)
     assert (gate["units"], gate["tokens"], gate["dead"], gate["rare"], gate["never_active"]) == (3, 1000, 1, 2, 0)
@@ -64,7 +68,7 @@ def test_sparsity_of_a_synthetic_statistics_file(tmp_path):
 def test_sparsity_names_missing_columns(tmp_path, capsys):
     source = tmp_path / "stats.parquet"
     pl.DataFrame({"site": ["gate"], "layer": [0], "unit": [0]}).write_parquet(source)
-    assert main(["sparsity", "--neuron-stats", str(source), "--out", str(tmp_path / "o.parquet"),
+    assert main(["sparsity", *SPARSITY, "--neuron-stats", str(source), "--out", str(tmp_path / "o.parquet"),
                  "--out-dead", str(tmp_path / "d.parquet")]) == 2
     assert "lack the columns count, max, frac_positive, frac_active" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()

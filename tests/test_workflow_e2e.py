@@ -7,13 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score
 
-from neuronmap import schemas
-from neuronmap.responses import ResponseReader
+from neuronmap.io import tables
+from neuronmap.io.responses import ResponseReader
 
 from conftest import REPO, run_snakemake
 
 RELATIONS = ["country_capital_city", "verb_past_tense"]
-RESPONSES = schemas.responses(pa.float16(), {"gate": 1536, "up": 1536, "act": 1536, "down": 576}, 30,
+RESPONSES = tables.responses(pa.float16(), {"gate": 1536, "up": 1536, "act": 1536, "down": 576}, 30,
                               ["mean", "max", "last"])
 
 
@@ -39,24 +39,23 @@ def test_second_dry_run_has_nothing_to_do(run, e2e_config):
 
 
 def expected_files(run):
-    yield run / "prompts.parquet", schemas.PROMPTS
+    yield run / "prompts.parquet", tables.PROMPTS
     for relation in RELATIONS:
         for shard in (0, 1):
             yield run / "responses" / relation / f"shard-{shard}.parquet", RESPONSES
-            yield run / "responses" / relation / f"shard-{shard}.stats.parquet", schemas.NEURON_STATS_PARTIAL
-            yield run / "responses" / relation / f"shard-{shard}.top.parquet", schemas.TOP_ACTIVATIONS_PARTIAL
-        yield run / "expertise" / f"{relation}.parquet", schemas.EXPERTISE
-        yield run / "expertise" / f"{relation}.prompts.parquet", schemas.EXPERTISE_PROMPTS
-        yield run / "units" / f"{relation}.parquet", schemas.SELECTED_UNITS
-        yield run / "ablation" / f"{relation}.parquet", schemas.ABLATION
-        yield run / "ablation" / f"{relation}.predictions.parquet", schemas.PREDICTIONS
-    yield run / "evaluation" / "baseline.parquet", schemas.PREDICTIONS
-    yield run / "overlap.parquet", schemas.OVERLAP
+            yield run / "responses" / relation / f"shard-{shard}.stats.parquet", tables.NEURON_STATS_PARTIAL
+            yield run / "responses" / relation / f"shard-{shard}.top.parquet", tables.TOP_ACTIVATIONS_PARTIAL
+        yield run / "expertise" / f"{relation}.parquet", tables.EXPERTISE
+        yield run / "expertise" / f"{relation}.prompts.parquet", tables.EXPERTISE_PROMPTS
+        yield run / "units" / f"{relation}.parquet", tables.SELECTED_UNITS
+        yield run / "ablation" / f"{relation}.predictions.parquet", tables.PREDICTIONS
+    yield run / "evaluation" / "baseline.parquet", tables.PREDICTIONS
+    yield run / "overlap.parquet", tables.OVERLAP
     yield from analysis_files(run)
-    yield run / "neuron_stats.parquet", schemas.NEURON_STATS
-    yield run / "top_activations.parquet", schemas.TOP_ACTIVATIONS
+    yield run / "neuron_stats.parquet", tables.NEURON_STATS
+    yield run / "top_activations.parquet", tables.TOP_ACTIVATIONS
     for block in (0, 1):
-        yield run / "expertise" / "blocks" / f"block-{block}.parquet", schemas.EXPERTISE_BLOCK
+        yield run / "expertise" / "blocks" / f"block-{block}.parquet", tables.EXPERTISE_BLOCK
 
 
 def test_every_output_matches_its_documented_schema(run):
@@ -86,7 +85,7 @@ def test_expertise_is_auditable_against_sklearn(run):
 
 
 def test_ablation_covers_every_configuration(run):
-    summary = pl.read_parquet(run / "ablation" / "verb_past_tense.parquet")
+    summary = pl.read_parquet(run / "significance.parquet").filter(pl.col("ablated_relation") == "verb_past_tense")
     # k in [20, 200] x (top_k on every relation + random seeds 1, 2 on the relation's own prompts)
     assert summary.height == 2 * (len(RELATIONS) + 2)
     baseline = pl.read_parquet(run / "evaluation" / "baseline.parquet")
@@ -99,32 +98,34 @@ def test_ablation_covers_every_configuration(run):
     np.testing.assert_allclose(drop["relative_drop"].to_numpy(), drop["expected"].to_numpy())
 
 
-# --- Analyses (issue 4): sweep, paired significance, languages, perplexity, shared units, decoding,
-# sparsity ---
+# --- Analyses: sweep, paired significance, languages, perplexity, shared units, decoding, sparsity ---
 
 def analysis_files(run):
     for relation in RELATIONS:
-        yield run / "ablation" / f"{relation}.languages.parquet", schemas.LANGUAGE_PREDICTIONS
-        yield run / "ablation" / f"{relation}.perplexity.parquet", schemas.PERPLEXITY
-    yield run / "prompts.languages.parquet", schemas.LANGUAGE_PROMPTS
-    yield run / "evaluation" / "baseline.languages.parquet", schemas.LANGUAGE_PREDICTIONS
-    yield run / "significance.parquet", schemas.SIGNIFICANCE
-    yield run / "sweep.parquet", schemas.SWEEP
-    yield run / "languages.parquet", schemas.LANGUAGE_ABLATION
-    yield run / "perplexity.parquet", schemas.PERPLEXITY
-    yield run / "shared_units.parquet", schemas.SHARED_UNITS
-    yield run / "decoded.parquet", schemas.DECODED
-    yield run / "sparsity.parquet", schemas.SPARSITY
-    yield run / "dead_units.parquet", schemas.DEAD_UNITS
+        yield run / "ablation" / f"{relation}.languages.parquet", tables.LANGUAGE_PREDICTIONS
+        yield run / "ablation" / f"{relation}.perplexity.parquet", tables.PERPLEXITY
+    yield run / "prompts.languages.parquet", tables.LANGUAGE_PROMPTS
+    yield run / "evaluation" / "baseline.languages.parquet", tables.LANGUAGE_PREDICTIONS
+    yield run / "significance.parquet", tables.SIGNIFICANCE
+    yield run / "sweep.parquet", tables.SWEEP
+    yield run / "languages.parquet", tables.LANGUAGE_ABLATION
+    yield run / "perplexity.parquet", tables.PERPLEXITY
+    yield run / "shared_units.parquet", tables.SHARED_UNITS
+    yield run / "decoded.parquet", tables.DECODED
+    yield run / "sparsity.parquet", tables.SPARSITY
+    yield run / "dead_units.parquet", tables.DEAD_UNITS
 
 
 def test_significance_pairs_every_configuration_with_the_baseline(run):
     significance = pl.read_parquet(run / "significance.parquet")
-    summaries = pl.concat([pl.read_parquet(run / "ablation" / f"{r}.parquet") for r in RELATIONS])
     key = ["ablated_relation", "k", "control", "seed", "eval_relation"]
-    joined = summaries.join(significance, on=key, how="full", nulls_equal=True, suffix="_paired")
-    assert joined.height == summaries.height == significance.height
+    # accuracy recounted from every relation's per-prompt predictions
+    counted = pl.concat([pl.read_parquet(run / "ablation" / f"{r}.predictions.parquet") for r in RELATIONS]) \
+        .group_by(key).agg(accuracy=pl.col("correct").mean(), n=pl.len())
+    joined = counted.join(significance, on=key, how="full", nulls_equal=True, suffix="_paired")
+    assert joined.height == counted.height == significance.height
     np.testing.assert_allclose(joined["accuracy"], joined["accuracy_paired"])
+    assert (joined["n"] == joined["n_paired"]).all()
     # lost and gained are the prompts that flipped: recount them from the predictions.
     baseline = pl.read_parquet(run / "evaluation" / "baseline.parquet").select("prompt_id", base="correct")
     predictions = pl.read_parquet(run / "ablation" / "verb_past_tense.predictions.parquet").join(baseline,
@@ -166,7 +167,7 @@ def test_shared_units_agree_with_overlap_counts(run):
 
 def test_decoded_tokens_match_the_model(run):
     import torch
-    from neuronmap.model_loading import load_model
+    from neuronmap.model.loading import load_model
     decoded = pl.read_parquet(run / "decoded.parquet")
     assert decoded.height == 30 * 1536 and set(decoded["site"]) == {"up"} and decoded["norm_gain"].all()
     model, tokenizer = load_model(run / "model", device="cpu", dtype="float32")

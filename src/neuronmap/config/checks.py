@@ -1,0 +1,72 @@
+"""Every check of a run's config that needs more than its schema: keys that must agree with one
+another, and the relation files, translations and model they name. The workflow runs them while
+it is parsed, so bad input stops the run before any job starts, with a message naming the keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import NeuronmapError
+
+DECODE_NEEDS = {"gate": "gate", "up": "up", "act": "act"}  # decode site -> the MLP site it reads
+
+
+def check_keys(config: dict) -> None:
+    """What the config says of itself."""
+    relations = config["relations"]["names"]
+    if len(relations) < 2:
+        raise NeuronmapError(
+            f"relations.names: {relations} has one relation, but expertise needs at least two (a relation's "
+            "negatives are the other relations' prompts)")
+    if config["pooling"] not in config["poolings"]:
+        raise NeuronmapError(
+            f"pooling: {config['pooling']!r} is not among poolings {config['poolings']} (extraction stores only "
+            "those): add it to poolings or choose one of them")
+
+
+def check_relations(config: dict) -> None:
+    """Each relation file exists once and holds enough facts for the split and the shards."""
+    from ..prepare.prompts import relation_prompts
+    from ..prepare.relations import find_relation_file, load_relation
+    from ..prepare.settings import PrepareSettings
+    settings = PrepareSettings.from_config(config)
+    for name in config["relations"]["names"]:
+        path = find_relation_file(config["relations"]["dir"], name)
+        relation_prompts(load_relation(path, name), settings.prompts, settings.shards)
+
+
+def check_languages(config: dict) -> None:
+    """Each evaluated language has a folder with at least one configured relation translated."""
+    from ..prepare.languages import translation_files
+    names = config["relations"]["names"]
+    for language in config["languages"]["evaluate"]:
+        if not translation_files(config["languages"]["dir"], [language], names):
+            raise NeuronmapError(
+                f"languages.evaluate: {language!r} translates none of relations.names ({', '.join(names)}) in "
+                f"{Path(config['languages']['dir']) / language}")
+
+
+def check_model(config: dict, prepared: str | Path | None = None) -> None:
+    """The model exists, its architecture is supported and has the configured sites, and top_k
+    fits its number of units."""
+    from ..model.shape import model_shape
+    shape = model_shape(config["model"], config["trust_remote_code"], prepared)
+    for key, sites in (("sites", config["sites"]), ("decode.sites", config["decode"]["sites"])):
+        missing = [site for site in sites if site not in shape.sites]
+        if missing:
+            raise NeuronmapError(
+                f"{key}: {', '.join(missing)} not available in {shape.model_type} (its sites: "
+                f"{', '.join(shape.sites)})")
+    units = shape.units(config["sites"])
+    if max(config["top_k"]) > units:
+        raise NeuronmapError(
+            f"top_k: {max(config['top_k'])} is more than the {units} units of sites {config['sites']} in "
+            f"{shape.model_type} ({shape.n_layers} layers)")
+
+
+def check_config(config: dict, prepared: str | Path | None = None) -> None:
+    """All of the above, cheapest first. `prepared` is the run's model directory, if it exists."""
+    check_keys(config)
+    check_relations(config)
+    check_languages(config)
+    check_model(config, prepared)

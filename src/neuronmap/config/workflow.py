@@ -1,0 +1,40 @@
+"""What the workflow asks the package while it is parsed (rules/common.smk): the validated config,
+each command's settings and code fingerprint, and the files a rule reads."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .. import cli
+from .fingerprint import code_fingerprint
+from .schema import validated
+from .checks import check_config
+
+__all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
+           "shell_prefix"]
+
+
+def settings_json(command: str, config: dict) -> str:
+    """The settings `command` reads, as the JSON its --settings option takes."""
+    return cli.stage_module(command).SETTINGS[command].from_config(config).to_json()
+
+
+def relation_file(config: dict, name: str) -> str:
+    from ..prepare.relations import find_relation_file
+    return str(find_relation_file(config["relations"]["dir"], name))
+
+
+def translation_files(config: dict) -> list[str]:
+    from ..prepare.languages import translation_files as files
+    return [str(path) for path in
+            files(config["languages"]["dir"], config["languages"]["evaluate"], config["relations"]["names"])]
+
+
+def shell_prefix() -> str:
+    """What every job's shell runs first: Snakemake's strict mode, and `neuronmap` defined as the
+    package run by the interpreter that runs Snakemake, so that a job finds it whether or not its
+    environment is activated or on PATH (on a cluster node too: the job reruns Snakemake with it)."""
+    # Doubled braces: Snakemake formats the prefix like a shell command.
+    return "set -euo pipefail; neuronmap() {{ " + shlex.quote(sys.executable) + ' -m neuronmap "$@"; }}; '

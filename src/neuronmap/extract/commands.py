@@ -1,0 +1,62 @@
+"""`neuronmap` subcommands of the extract stage: one shard's forward passes, then the merge of
+every shard's per-token statistics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..errors import NeuronmapError
+from .settings import ExtractionSettings, NeuronStatsSettings
+
+log = logging.getLogger("neuronmap")
+
+SETTINGS = {"extract": ExtractionSettings, "neuron-stats": NeuronStatsSettings}
+
+
+def cmd_extract(args) -> None:
+    """pooled responses and token statistics of one shard's prompts"""
+    import polars as pl
+    from ..io.parquet import read_table
+    from ..model.host_memory import return_large_buffers_to_the_os
+    from ..model.loading import load_for_job
+    from .engine import ExtractionOutputs, extract_shard
+    prompts = read_table(args.prompts).filter(
+        (pl.col("relation") == args.relation) & (pl.col("shard") == args.shard))
+    if prompts.height == 0:
+        raise NeuronmapError(f"{args.prompts}: no identification prompts for {args.relation} shard {args.shard}")
+    # On a cluster, the scheduler's GPU assignment is the first thing to check in a job's log.
+    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    return_large_buffers_to_the_os()  # before the model loads: its staging buffers count too
+    model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
+    outputs = ExtractionOutputs(Path(args.out), Path(args.out_stats), Path(args.out_top))
+    extract_shard(model, tokenizer, prompts, outputs, args.settings)
+
+
+def args_extract(p) -> None:
+    p.add_argument("--model-dir", required=True, help="directory written by prepare-model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--relation", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--out-stats", required=True)
+    p.add_argument("--out-top", required=True)
+
+
+def cmd_neuron_stats(args) -> None:
+    """merge the shards' token statistics"""
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from .neuron_stats import merge_partials, merge_tops
+    write_table(merge_partials([read_table(path) for path in args.stats]), args.out, tables.NEURON_STATS)
+    write_table(merge_tops([read_table(path) for path in args.top], args.settings.top_n), args.out_top,
+                tables.TOP_ACTIVATIONS)
+
+
+def args_neuron_stats(p) -> None:
+    p.add_argument("--stats", nargs="+", required=True)
+    p.add_argument("--top", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--out-top", required=True)

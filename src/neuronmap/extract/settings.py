@@ -1,0 +1,27 @@
+"""Settings of the extract stage's commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.settings import Settings, setting
+from ..model.settings import ModelSettings
+
+
+@dataclass(frozen=True)
+class ExtractionSettings(Settings):
+    model: ModelSettings
+    sites: tuple[str, ...]
+    poolings: tuple[str, ...]
+    batch_size: int
+    batch_tokens: int
+    response_dtype: str
+    top_n: int = setting("top_activations")
+    active_threshold: float
+    include_bos: bool
+    fused_statistics: bool
+
+
+@dataclass(frozen=True)
+class NeuronStatsSettings(Settings):
+    top_n: int = setting("top_activations")

@@ -1,0 +1,78 @@
+"""Reading and writing the Parquet files that are the only interface between stages.
+
+Every write goes to a temporary name beside the target and is renamed into place, so a
+crash or a bad input never leaves a partial file that Snakemake would take as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import NeuronmapError
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path next to `target`; rename it onto `target` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # An attempt killed by SIGKILL could not clean up after itself: do it before this one.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{suffix}.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    # mkstemp makes the file private (0600); results on a shared filesystem are for the group too.
+    os.chmod(tmp, 0o666 & ~UMASK)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_table(table: pa.Table | pl.DataFrame, target: str | os.PathLike, schema: pa.Schema | None = None,
+                **kwargs) -> None:
+    """Write a table atomically; cast to `schema` first so the file matches its documented contract."""
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp, **kwargs)
+
+
+def write_text(text: str, target: str | os.PathLike) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a stage output, naming the file when it is missing, truncated or not Parquet."""
+    try:
+        return pl.from_arrow(pq.read_table(path, columns=columns))
+    except FileNotFoundError:
+        raise NeuronmapError(f"{path}: file not found") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise NeuronmapError(f"{path}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
+
+
+def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise NeuronmapError(f"{path}: file not found") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise NeuronmapError(f"{path}: not a readable Parquet file (corrupt or truncated?): {exc}") from None

@@ -1,0 +1,244 @@
+"""The Parquet contracts between stages. docs/parquet.md describes every column; the tests
+check that every file the workflow writes has exactly these schemas."""
+
+import numpy as np
+import pyarrow as pa
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("relation", pa.string()),
+    ("subject", pa.string()),
+    ("object", pa.string()),
+    ("objects", pa.list_(pa.string())),
+    ("template", pa.int32()),
+    ("text", pa.string()),
+    ("split", pa.string()),
+    ("shard", pa.int32()),
+])
+
+
+def responses(value_type: pa.DataType, widths: dict[str, int], n_layers: int, poolings) -> pa.Schema:
+    """prompt_id, n_tokens, then `<pooling>/<site>/<layer>` columns: each value is the
+    little-endian array of one prompt's unit responses, as fixed-size binary (docs/parquet.md)."""
+    dtype = np.dtype(value_type.to_pandas_dtype())
+    fields = [pa.field("prompt_id", pa.string()), pa.field("n_tokens", pa.int32())]
+    for pooling in poolings:
+        for site, width in widths.items():
+            metadata = {"dtype": dtype.name, "units": str(width)}
+            fields += [pa.field(f"{pooling}/{site}/{layer:03d}", pa.binary(width * dtype.itemsize),
+                                nullable=False, metadata=metadata) for layer in range(n_layers)]
+    return pa.schema(fields)
+
+
+# One unit's expertise for one relation: a block's rows carry the relation, a relation's file the rank.
+_UNIT_EXPERTISE = [
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("ap", pa.float64()),
+    ("on_p50", pa.float32()),
+    ("on_p90", pa.float32()),
+    ("off_mean", pa.float32()),
+]
+
+EXPERTISE_BLOCK = pa.schema([("relation", pa.string()), *_UNIT_EXPERTISE])
+
+EXPERTISE = pa.schema([*_UNIT_EXPERTISE, ("rank", pa.int64())])
+
+EXPERTISE_PROMPTS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("relation", pa.string()),
+    ("label", pa.bool_()),
+])
+
+SELECTED_UNITS = pa.schema([
+    ("relation", pa.string()),
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("rank", pa.int64()),
+    ("ap", pa.float64()),
+])
+
+OVERLAP = pa.schema([
+    ("k", pa.int64()),
+    ("relation_a", pa.string()),
+    ("relation_b", pa.string()),
+    ("shared", pa.int64()),
+    ("jaccard", pa.float64()),
+])
+
+PREDICTIONS = pa.schema([
+    ("ablated_relation", pa.string()),
+    ("k", pa.int64()),
+    ("control", pa.string()),
+    ("seed", pa.int64()),
+    ("prompt_id", pa.string()),
+    ("eval_relation", pa.string()),
+    ("generated", pa.string()),
+    ("correct", pa.bool_()),
+])
+
+NEURON_STATS_PARTIAL = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("count", pa.int64()),
+    ("mean", pa.float64()),
+    ("m2", pa.float64()),
+    ("min", pa.float32()),
+    ("max", pa.float32()),
+    ("n_positive", pa.int64()),
+    ("n_active", pa.int64()),
+])
+
+NEURON_STATS = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("count", pa.int64()),
+    ("mean", pa.float64()),
+    ("var", pa.float64()),
+    ("min", pa.float32()),
+    ("max", pa.float32()),
+    ("frac_positive", pa.float64()),
+    ("frac_active", pa.float64()),
+])
+
+TOP_ACTIVATIONS_PARTIAL = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("value", pa.float32()),
+    ("prompt_id", pa.string()),
+    ("position", pa.int32()),
+    ("token", pa.string()),
+])
+
+TOP_ACTIVATIONS = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("rank", pa.int32()),
+    ("prompt_id", pa.string()),
+    ("position", pa.int32()),
+    ("token", pa.string()),
+    ("value", pa.float32()),
+])
+
+# --- Analyses of ablations, languages, decoding and sparsity ---
+
+LANGUAGE_PROMPTS = pa.schema(list(PROMPTS) + [("language", pa.string())])
+
+LANGUAGE_PREDICTIONS = pa.schema(list(PREDICTIONS) + [("language", pa.string())])
+
+# Accuracy of one configuration on one evaluated relation, computed by ablate.sweep.paired_table.
+_ACCURACY_KEY = [
+    ("ablated_relation", pa.string()),
+    ("k", pa.int64()),
+    ("control", pa.string()),
+    ("seed", pa.int64()),
+    ("eval_relation", pa.string()),
+]
+_ACCURACY = [
+    ("n", pa.int64()),
+    ("correct", pa.int64()),
+    ("accuracy", pa.float64()),
+    ("baseline_accuracy", pa.float64()),
+    ("relative_drop", pa.float64()),
+]
+
+_PAIRED = [
+    ("lost", pa.int64()),
+    ("gained", pa.int64()),
+    ("difference", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("p_value", pa.float64()),
+    ("q_value", pa.float64()),
+    ("significant", pa.bool_()),
+]
+
+SIGNIFICANCE = pa.schema(_ACCURACY_KEY + _ACCURACY + _PAIRED)
+
+LANGUAGE_ABLATION = pa.schema(_ACCURACY_KEY + [("language", pa.string())] + _ACCURACY + _PAIRED)
+
+SWEEP = pa.schema([
+    ("ablated_relation", pa.string()),
+    ("eval_relation", pa.string()),
+    ("k", pa.int64()),
+    ("n", pa.int64()),
+    ("baseline_accuracy", pa.float64()),
+    ("top_accuracy", pa.float64()),
+    ("top_relative_drop", pa.float64()),
+    ("top_difference", pa.float64()),
+    ("top_ci_low", pa.float64()),
+    ("top_ci_high", pa.float64()),
+    ("top_p_value", pa.float64()),
+    ("top_q_value", pa.float64()),
+    ("top_significant", pa.bool_()),
+    ("random_seeds", pa.int64()),
+    ("random_accuracy_mean", pa.float64()),
+    ("random_accuracy_sd", pa.float64()),
+    ("random_accuracy_min", pa.float64()),
+    ("random_accuracy_max", pa.float64()),
+    ("random_relative_drop_mean", pa.float64()),
+    ("random_significant_seeds", pa.int64()),
+])
+
+PERPLEXITY = pa.schema([
+    ("ablated_relation", pa.string()),
+    ("k", pa.int64()),
+    ("control", pa.string()),
+    ("seed", pa.int64()),
+    ("tokens", pa.int64()),
+    ("nll", pa.float64()),
+    ("perplexity", pa.float64()),
+    ("baseline_perplexity", pa.float64()),
+    ("ratio", pa.float64()),
+])
+
+DECODED = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("norm_gain", pa.bool_()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("tokens", pa.list_(pa.string())),
+    ("scores", pa.list_(pa.float32())),
+])
+
+SHARED_UNITS = pa.schema([
+    ("k", pa.int64()),
+    ("relation_a", pa.string()),
+    ("relation_b", pa.string()),
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+])
+
+SPARSITY = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("units", pa.int64()),
+    ("tokens", pa.int64()),
+    ("firing_rate_mean", pa.float64()),
+    ("firing_rate_median", pa.float64()),
+    ("active_rate_mean", pa.float64()),
+    ("active_rate_median", pa.float64()),
+    ("dead", pa.int64()),
+    ("never_active", pa.int64()),
+    ("rare", pa.int64()),
+])
+
+DEAD_UNITS = pa.schema([
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("count", pa.int64()),
+    ("max", pa.float32()),
+    ("frac_positive", pa.float64()),
+    ("frac_active", pa.float64()),
+    ("dead", pa.bool_()),
+    ("never_active", pa.bool_()),
+])

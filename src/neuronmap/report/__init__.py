@@ -1,0 +1,1 @@
+"""The report stage (rules/report.smk): one self-contained HTML page with the run's figures and the neuron atlas."""

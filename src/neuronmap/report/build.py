@@ -1,0 +1,211 @@
+"""The report stage: one self-contained HTML file with the run's findings and the neuron atlas,
+and every figure as SVG and PNG beside it.
+
+The workflow produces every input, so each section reads its files and draws them; one function
+per section. Modules: data (numbers), charts (figures), atlas (the atlas payload), page (HTML
+assembly), assets/ (the page's stylesheet and script).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from .. import __version__
+from ..io.parquet import read_table, write_text
+from ..model.loading import read_manifest
+from . import charts, data
+from .atlas import build_atlas, load_tokenizer
+from .page import Page, note, table, write_figures
+
+log = logging.getLogger(__name__)
+
+DEACTIVATED = {"zero": "set to 0", "mean": "set to their mean on negatives", "clamp": "clamped"}
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    prompts: Path
+    model_dir: Path
+    baseline: Path
+    units: list[Path]
+    expertise: list[Path]
+    overlap: Path
+    significance: Path
+    sweep: Path
+    neuron_stats: Path
+    top_activations: Path
+    decoded: Path
+    perplexity: Path
+    sparsity: Path
+    languages: Path
+
+
+@dataclass(frozen=True)
+class Run:
+    """What several sections read, loaded once. `config` is the validated config (every key)."""
+    inputs: ReportInputs
+    config: dict
+    manifest: dict
+    prompts: pl.DataFrame
+    units: pl.DataFrame
+    baseline: pl.DataFrame
+
+    @classmethod
+    def load(cls, inputs: ReportInputs, config: dict) -> Run:
+        return cls(inputs=inputs, config=config, manifest=read_manifest(inputs.model_dir),
+                   prompts=read_table(inputs.prompts), units=pl.concat([read_table(p) for p in inputs.units]),
+                   baseline=data.baseline_accuracy(read_table(inputs.baseline)))
+
+
+def summary_section(page: Page, run: Run) -> None:
+    config, manifest = run.config, run.manifest
+    times = data.stage_times(run.inputs.prompts.parent / "benchmarks")
+    relations = sorted(run.prompts["relation"].unique().to_list())
+    n_prompts = run.prompts.group_by("split").len()
+    split = dict(zip(n_prompts["split"].to_list(), n_prompts["len"].to_list()))
+    page.add(f"<h1>neuronmap report: {html.escape(config['run'])}</h1>")
+    page.section("summary", "Summary")
+    facts = [
+        ("model", f"<b>{html.escape(manifest['source'])}</b> ({html.escape(manifest['model_type'])}, "
+                  f"{manifest['n_layers']} layers)"),
+        ("units", f"sites {', '.join(config['sites'])}; response pooled by {config['pooling']}"),
+        ("relations", f"{len(relations)}: {', '.join(html.escape(r) for r in relations)}"),
+        ("prompts", f"{split.get('identification', 0)} identification, {split.get('test', 0)} test "
+                    f"({config['few_shot']} demonstrations each)"),
+        ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
+        ("neuronmap", __version__),
+        ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
+                     f"(wall-clock of each job, summed)" if times.height else "no benchmark files"),
+        ("generated", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+    ]
+    page.add('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
+    page.add('<div class="tables">', table(data.prompt_counts(run.prompts), "prompts per relation"),
+             table(times, "run time per stage (benchmark files)", digits=1),
+             table(data.package_versions(), "package versions (report job)"), "</div>")
+
+
+def recall_section(page: Page, run: Run) -> None:
+    curve = data.cumulativity(read_table(run.inputs.sweep), run.baseline)
+    page.section("recall", "Recall per relation and cumulativity")
+    page.add(note("Accuracy on each relation's held-out test prompts: the unmodified model, and with the "
+                  f"relation's own top-k units (by AP) {DEACTIVATED[run.config['ablation']['value']]}, against as "
+                  f"many random units from the same layers and sites (seeds {run.config['random_seeds']}; the band "
+                  "spans them)."))
+    page.add(page.figure("baseline_accuracy", charts.baseline_chart(run.baseline), "baseline accuracy per relation"))
+    page.add(page.figure("cumulativity", charts.cumulativity_chart(curve), "accuracy against k per relation"))
+    page.add(table(data.recall_summary(run.baseline, curve), "accuracy on the relation's own test prompts"))
+
+
+def drop_section(page: Page, run: Run) -> None:
+    cells = data.drop_cells(read_table(run.inputs.significance))
+    page.section("drop", "Ablated × evaluated relation")
+    page.add(note("Relative drop (baseline − ablated) / baseline of recall on the evaluated relation when the "
+                  "ablated relation's top-k units are off; negative (blue) means recall rose: interference."))
+    page.add(page.figure("drop_matrix", charts.drop_matrix_chart(cells, data.SIGNIFICANCE_RULE),
+                         "relative drop matrix per k"))
+
+
+def overlap_section(page: Page, run: Run) -> None:
+    page.section("overlap", "Units shared between relations")
+    page.add(page.figure("overlap", charts.overlap_chart(read_table(run.inputs.overlap)), "overlap matrix per k"))
+
+
+def placement_section(page: Page, run: Run) -> None:
+    k = max(run.config["top_k"])
+    page.section("placement", "Where the selected units sit")
+    page.add(page.figure("placement", charts.placement_chart(data.placement(run.units, k), run.manifest["n_layers"], k),
+                         "layer by site histogram per relation"))
+
+
+def sparsity_section(page: Page, run: Run) -> None:
+    per_layer = data.sparsity(read_table(run.inputs.sparsity))
+    per_site = per_layer.group_by("site").agg(pl.col("dead_units").sum(), pl.col("units").sum(),
+                                              pl.col("firing_rate").mean(), pl.col("active_rate").mean()).sort("site")
+    page.section("sparsity", "Sparsity per layer")
+    page.add(note("Fraction of tokens on which a unit's value is above 0, averaged over the layer's units "
+                  "(for gate: how often the gate opens); dead units are never above 0."))
+    page.add(page.figure("sparsity", charts.sparsity_chart(per_layer), "firing rate per layer and site"))
+    page.add(table(per_site, "per site"))
+
+
+def languages_section(page: Page, run: Run) -> None:
+    cells = data.language_cells(read_table(run.inputs.languages))
+    page.section("languages", "Across languages")
+    page.add(note("Units identified on the source-language prompts, switched off while the model answers "
+                  "the same relation's test prompts in other languages."))
+    page.add(page.figure("languages", charts.language_chart(cells), "relative drop per relation and language"))
+
+
+def side_effects_section(page: Page, run: Run) -> None:
+    perplexity = read_table(run.inputs.perplexity)
+    page.section("side-effects", "Side effects on neutral text")
+    page.add(page.figure("perplexity", charts.perplexity_chart(perplexity), "perplexity ratio per ablation"))
+    page.add("<details><summary>the table</summary>", table(perplexity, "perplexity of neutral text", digits=3),
+             "</details>")
+
+
+def expertise_section(page: Page, run: Run) -> None:
+    page.section("expertise", "Expertise")
+    page.add(note("Average Precision of the selected units. When more units reach AP = 1 than are selected, the "
+                  "choice among them is a seeded random tie-break: more identification prompts (or fewer "
+                  "demonstrations) sharpen the ranking."))
+    page.add(table(data.expertise_summary(run.units, sorted(run.config["top_k"]))))
+
+
+def atlas_section(page: Page, run: Run) -> dict:
+    """The atlas's place on the page; returns its payload, which the page embeds as JSON."""
+    settings, inputs = run.config["report"], run.inputs
+    atlas = build_atlas(
+        expertise={path.name.removesuffix(".parquet"): path for path in inputs.expertise}, prompts=run.prompts,
+        units_per_relation=settings["atlas_units_per_relation"], prompts_per_unit=settings["atlas_prompts_per_unit"],
+        neuron_stats=inputs.neuron_stats, top_activations=inputs.top_activations, decoded=inputs.decoded,
+        tokenizer=load_tokenizer(inputs.model_dir, run.config["trust_remote_code"]))
+    page.section("atlas", "Neuron atlas")
+    page.add(note(f"The top {settings['atlas_units_per_relation']} units of each relation by AP "
+                  f"({len(atlas['site'])} distinct units; <code>report.atlas_units_per_relation</code> in the "
+                  "config). Bold AP: the unit is among that relation's top units. Click a column to sort, a row "
+                  "for the unit's card; the search matches unit names (<code>gate L13 #1272</code>), decoded "
+                  "tokens and the peak tokens of top-activating prompts."))
+    page.add(
+        '<div id="atlas-app"><div class="atlas-controls">'
+        '<input type="search" id="atlas-search" placeholder="search a token or a unit, e.g. gate L13 #1272" '
+        'aria-label="search the atlas">'
+        '<select id="atlas-relation" aria-label="relation"><option value="">all relations</option></select>'
+        '<select id="atlas-layer" aria-label="layer"><option value="">all layers</option></select>'
+        '<select id="atlas-site" aria-label="site"><option value="">all sites</option></select>'
+        '<span id="atlas-count"></span></div>'
+        '<div class="atlas-body"><div class="atlas-scroll"><table class="atlas"></table>'
+        '<button class="more" hidden>show more</button></div>'
+        '<aside id="atlas-card" class="card"><p class="empty">Click a unit for its card.</p></aside></div></div>')
+    return atlas
+
+
+def run_details_section(page: Page, run: Run) -> None:
+    page.section("run", "Run details")
+    page.add("<h3>Model</h3>", f"<pre>{html.escape(json.dumps(run.manifest, indent=2))}</pre>",
+             "<details><summary>Configuration (the JSON whose sha256 is above)</summary>"
+             f"<pre>{html.escape(json.dumps(run.config, indent=2, sort_keys=True))}</pre></details>")
+
+
+def build_report(inputs: ReportInputs, config: dict, out: str | Path, figures_dir: str | Path) -> None:
+    """`config` is the run's validated config (every default filled in)."""
+    run = Run.load(inputs, config)
+    page = Page(f"neuronmap: {config['run']}")
+    for section in (summary_section, recall_section, drop_section, overlap_section, placement_section,
+                    sparsity_section, languages_section, side_effects_section, expertise_section):
+        section(page, run)
+    atlas = atlas_section(page, run)
+    run_details_section(page, run)
+
+    text = page.render({"atlas": atlas, "config_sha256": data.config_digest(config)})
+    write_figures(page.figures, Path(figures_dir))
+    write_text(text, out)
+    log.info("wrote %s (%.2f MB, %d figures, %d atlas units)", out, len(text.encode()) / 1e6, len(page.figures),
+             len(atlas["site"]))

@@ -1,0 +1,164 @@
+"""The numbers behind the report: small polars frames derived from the stage outputs.
+
+Nothing here draws or writes HTML; every function takes frames and returns a frame (or plain
+values), so each figure and table of the report can be checked against its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+import polars as pl
+
+
+# Packages whose versions decide the numbers (or the look) of a run.
+VERSIONED_PACKAGES = ("neuronmap", "torch", "transformers", "snakemake", "polars", "pyarrow", "numpy",
+                      "altair", "vl-convert-python")
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of the validated config as canonical JSON: `json.dumps(config, sort_keys=True)`,
+    the text the report rule passes on the command line."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def package_versions() -> pl.DataFrame:
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for name in VERSIONED_PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        rows.append({"package": name, "version": version})
+    return pl.DataFrame(rows)
+
+
+def prompt_counts(prompts: pl.DataFrame) -> pl.DataFrame:
+    counts = prompts.group_by("relation", "split").len()
+    return counts.pivot(on="split", index="relation", values="len").fill_null(0).sort("relation")
+
+
+def baseline_accuracy(predictions: pl.DataFrame) -> pl.DataFrame:
+    """Accuracy of the unmodified model on each relation's test prompts."""
+    return predictions.group_by("eval_relation").agg(
+        accuracy=pl.col("correct").mean(), n=pl.len(), correct=pl.col("correct").sum().cast(pl.Int64),
+    ).rename({"eval_relation": "relation"}).sort("relation")
+
+
+def cumulativity(sweep: pl.DataFrame, baseline: pl.DataFrame) -> pl.DataFrame:
+    """Accuracy on a relation with its own units off, against k: the top-k units and the spread
+    of the random controls over seeds, from sweep.parquet (one row per ablated relation,
+    evaluated relation and k, the random controls already summarized over seeds). Both curves
+    start at k = 0, the unmodified model."""
+    own = sweep.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
+    top = own.select(pl.col("eval_relation").alias("relation"), "k", pl.lit("top_k").alias("control"),
+                     pl.col("top_accuracy").alias("accuracy"), pl.col("top_accuracy").alias("accuracy_min"),
+                     pl.col("top_accuracy").alias("accuracy_max"), pl.lit(1, pl.Int64).alias("seeds"))
+    random = own.filter(pl.col("random_seeds") > 0).select(
+        pl.col("eval_relation").alias("relation"), "k", pl.lit("random").alias("control"),
+        pl.col("random_accuracy_mean").alias("accuracy"), pl.col("random_accuracy_min").alias("accuracy_min"),
+        pl.col("random_accuracy_max").alias("accuracy_max"), pl.col("random_seeds").alias("seeds"))
+    curve = pl.concat([top, random])
+    start = pl.concat([
+        baseline.filter(pl.col("relation").is_in(curve["relation"].unique().to_list())).select(
+            "relation", pl.lit(0, pl.Int64).alias("k"), pl.lit(control).alias("control"), "accuracy",
+            pl.col("accuracy").alias("accuracy_min"), pl.col("accuracy").alias("accuracy_max"),
+            pl.lit(1, pl.Int64).alias("seeds"))
+        for control in curve["control"].unique().sort().to_list()])
+    return pl.concat([start, curve]).sort("relation", "control", "k")
+
+
+def recall_summary(baseline: pl.DataFrame, curve: pl.DataFrame) -> pl.DataFrame:
+    """One row per relation: test prompts, baseline accuracy, accuracy under each ablation."""
+    wide = curve.filter(pl.col("k") > 0).with_columns(
+        column=pl.when(pl.col("control") == "top_k").then(pl.lit("top "))
+        .otherwise(pl.col("control") + pl.lit(" ")) + pl.col("k").cast(pl.String))
+    order = wide.sort("control", descending=True).sort("k", maintain_order=True)["column"].unique(
+        maintain_order=True).to_list()
+    pivot = wide.pivot(on="column", index="relation", values="accuracy")
+    return baseline.select("relation", pl.col("n").alias("test prompts"), pl.col("accuracy").alias("baseline")) \
+        .join(pivot.select("relation", *order), on="relation", how="left").sort("relation")
+
+
+SIGNIFICANCE_RULE = "* the paired test of per-prompt predictions finds the change significant"
+
+
+def drop_cells(significance: pl.DataFrame) -> pl.DataFrame:
+    """The ablated × evaluated matrix per k, from significance.parquet: relative drop of the
+    top-k ablation, the mean drop of its random controls beside it, and "*" where the paired
+    test finds the change significant (see SIGNIFICANCE_RULE)."""
+    cell = ["ablated_relation", "eval_relation", "k"]
+    top = significance.filter(pl.col("control") == "top_k")
+    random = significance.filter(pl.col("control") == "random").group_by(cell) \
+        .agg(random_drop=pl.col("relative_drop").mean())
+    mark = pl.when(pl.col("significant")).then(pl.lit("*")).otherwise(pl.lit(""))
+    label = pl.when(pl.col("relative_drop").is_null()).then(pl.lit("n/a")) \
+        .otherwise(pl.col("relative_drop").round(2).cast(pl.String)) + pl.col("mark")
+    return top.join(random, on=cell, how="left").select(
+        *cell, "relative_drop", "accuracy", "baseline_accuracy", "n", "random_drop", mark.alias("mark"),
+        "p_value", "q_value").with_columns(label=label).sort("k", "ablated_relation", "eval_relation")
+
+
+def placement(units: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Selected units (rank <= k) per relation, layer and site."""
+    return units.filter(pl.col("rank") <= k).group_by("relation", "layer", "site").len("units") \
+        .with_columns(pl.col("units").cast(pl.Int64)).sort("relation", "layer", "site")
+
+
+def expertise_summary(units: pl.DataFrame, top_k: list[int]) -> pl.DataFrame:
+    """AP at each cutoff; many units at AP = 1 mean the ranking among them is a tie-break."""
+    return units.group_by("relation").agg(
+        *(pl.col("ap").filter(pl.col("rank") == k).first().alias(f"AP at rank {k}") for k in top_k),
+        pl.col("ap").filter(pl.col("ap") >= 1.0).len().alias(f"units with AP = 1 (of top {top_k[-1]})"),
+    ).sort("relation")
+
+
+def sparsity(table: pl.DataFrame) -> pl.DataFrame:
+    """Per site and layer, from sparsity.parquet: the mean firing rate (fraction of tokens > 0),
+    the mean active rate (|value| above the configured threshold) and the dead units (never
+    above 0 on any token seen)."""
+    return table.select("site", "layer", pl.col("firing_rate_mean").alias("firing_rate"),
+                        pl.col("active_rate_mean").alias("active_rate"), pl.col("dead").alias("dead_units"),
+                        pl.col("units").cast(pl.Int64)).sort("site", "layer")
+
+
+def language_cells(languages: pl.DataFrame) -> pl.DataFrame:
+    """Recall of each relation in each language with its own top-k units off (identified in the
+    source language): relative drop, and "*" where the paired test finds the change significant."""
+    own = languages.filter((pl.col("ablated_relation") == pl.col("eval_relation")) & (pl.col("control") == "top_k"))
+    mark = pl.when(pl.col("significant")).then(pl.lit("*")).otherwise(pl.lit(""))
+    label = pl.when(pl.col("relative_drop").is_null()).then(pl.lit("n/a")) \
+        .otherwise(pl.col("relative_drop").round(2).cast(pl.String)) + mark
+    return own.select(pl.col("eval_relation").alias("relation"), "language", "k", "n", "accuracy",
+                      "baseline_accuracy", "relative_drop", label.alias("label")).sort("k", "relation", "language")
+
+
+def stage_times(benchmarks_dir: Path) -> pl.DataFrame:
+    """Wall-clock and CPU seconds per workflow stage, summed over its jobs, from the rules'
+    benchmark files (the report's own is written after it, so it is never among them)."""
+    rows = []
+    for path in sorted(Path(benchmarks_dir).rglob("*.tsv")):
+        frame = pl.read_csv(path, separator="\t", infer_schema_length=0)
+        if frame.height == 0:
+            continue
+        stage = path.relative_to(benchmarks_dir).parts[0].removesuffix(".tsv")
+        if stage == "report":
+            continue
+
+        def number(column: str) -> float | None:
+            if column not in frame.columns or frame[column][0] in (None, "", "-", "NA"):
+                return None
+            return float(frame[column][0])
+        rows.append({"stage": stage, "seconds": number("s"), "cpu_seconds": number("cpu_time"),
+                     "max_rss_mb": number("max_rss")})
+    schema = {"stage": pl.String, "jobs": pl.Int64, "seconds": pl.Float64, "cpu_seconds": pl.Float64,
+              "max_rss_mb": pl.Float64}
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    return pl.DataFrame(rows).group_by("stage", maintain_order=True).agg(
+        jobs=pl.len().cast(pl.Int64), seconds=pl.col("seconds").sum(), cpu_seconds=pl.col("cpu_seconds").sum(),
+        max_rss_mb=pl.col("max_rss_mb").max()).select(list(schema))

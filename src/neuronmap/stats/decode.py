@@ -1,0 +1,142 @@
+"""Decoding intermediate neurons through the LM head (Davies 2025; docs/methods.md §2).
+
+Neuron i of a layer reads the residual stream along row i of `up_proj` (and of `gate_proj` in a
+gated MLP) and writes along column i of `down_proj`. In neuronmap's unit names these are the
+vectors of units (up, layer, i), (gate, layer, i) and (act, layer, i). Each of these vectors,
+multiplied by the unembedding, scores every token; the top tokens label the neuron. Optionally
+the vector is first scaled by the final norm's gain, as the residual stream is before the
+unembedding (whether the gain belongs there is unconfirmed, so both variants are written).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ..io import tables
+from ..model.architectures import MlpSites, final_norm_gain, linear_weight
+from ..errors import NeuronmapError
+
+log = logging.getLogger(__name__)
+
+# The vector each site's unit i owns -> (site whose module holds it, True if it is row i of that
+# module's [out, in] weight, False if column i): up and gate units read the residual stream along
+# their rows; the act unit (the neuron, input of down_proj) writes along down_proj's column i.
+VECTORS = {"up": ("up", True), "gate": ("gate", True), "act": ("down", False)}
+
+
+def neuron_vectors(sites: MlpSites, site: str, layer: int) -> torch.Tensor:
+    """[intermediate units, hidden] for one layer: up/gate rows, or down_proj columns for act."""
+    module_site, is_row = VECTORS[site]
+    weight = linear_weight(sites.point(module_site, layer).module)
+    return weight if is_row else weight.T
+
+
+def available_sites(sites: MlpSites, wanted: Sequence[str]) -> list[str]:
+    """The wanted sites whose vectors this architecture has (a non-gated MLP has no gate)."""
+    present = []
+    for site in wanted:
+        if site not in VECTORS:
+            raise NeuronmapError(f"decode.sites: unknown {site!r} (choose from {', '.join(VECTORS)})")
+        try:
+            sites.point(VECTORS[site][0], 0)
+        except (NeuronmapError, AttributeError):
+            log.warning("decode: this architecture has no %s site; skipped", site)
+            continue
+        present.append(site)
+    return present
+
+
+def search_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the candidate search: bfloat16 where it is fast (CUDA, CPUs with AVX512-BF16
+    or AMX, where oneDNN runs it about 4x faster than float32), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def top_tokens(block: torch.Tensor, unembedding: torch.Tensor, top_n: int, search: torch.Tensor | None,
+               candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top token ids and exact scores of unembedding @ v for every row v of `block`.
+
+    With `search` (the unembedding in a faster, coarser dtype), the `candidates` best tokens are
+    found in that dtype and rescored exactly in the block's dtype; the top_n of those are kept.
+    """
+    if search is None:
+        top = torch.topk(block @ unembedding.T, top_n, dim=1)
+        return top.indices, top.values
+    coarse = block.to(search.dtype) @ search.T
+    picked = torch.topk(coarse, min(candidates, coarse.shape[1]), dim=1).indices
+    exact = torch.einsum("uch,uh->uc", unembedding[picked], block)
+    top = torch.topk(exact, top_n, dim=1)
+    return picked.gather(1, top.indices), top.values
+
+
+def decode_chunks(model, site_names: Sequence[str], norm_variants: Sequence[bool], top_n: int,
+                  chunk_size: int = 512, search: str = "auto",
+                  candidates: int | None = None) -> Iterator[tuple[str, bool, int, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]]:
+    """Yield (site, norm_gain, layer, unit ids, top token ids, top scores), chunk by chunk."""
+    sites = MlpSites(model)
+    unembedding = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+    coarse = search_dtype(search, unembedding.device)
+    searched = unembedding.to(coarse) if coarse != unembedding.dtype else None
+    candidates = candidates or max(4 * top_n, top_n + 32)
+    gain = final_norm_gain(model).to(unembedding.dtype) if any(norm_variants) else None
+    with torch.inference_mode():
+        for layer in range(sites.n_layers):
+            for site in site_names:
+                weights = neuron_vectors(sites, site, layer).detach().to(unembedding.dtype)
+                for start in range(0, weights.shape[0], chunk_size):
+                    block = weights[start:start + chunk_size]
+                    units = torch.arange(start, start + block.shape[0])
+                    for norm_gain in norm_variants:
+                        ids, scores = top_tokens(block * gain if norm_gain else block, unembedding, top_n,
+                                                 searched, candidates)
+                        yield site, norm_gain, layer, units, ids.cpu(), scores.float().cpu()
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Each token id decoded on its own (so a leading space shows), ids past the tokenizer as ''."""
+    strings = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
+    return strings + [""] * (vocab_size - len(strings))
+
+
+def decode_neurons(model, tokenizer, site_names: Sequence[str] = ("up", "gate", "act"),
+                   norm_variants: Sequence[bool] = (False, True), top_n: int = 10,
+                   chunk_size: int = 512, search: str = "auto") -> pa.Table:
+    """One row per (site, layer, unit, norm_gain) with its top tokens; see docs/parquet.md."""
+    sites = MlpSites(model)
+    site_names = available_sites(sites, site_names)
+    if not site_names:
+        raise NeuronmapError("decode.sites: none of the requested sites' vectors exists in this model")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not 1 <= top_n <= vocab:
+        raise NeuronmapError(f"decode.top_n: {top_n} must be between 1 and the vocabulary size {vocab}")
+    strings = token_strings(tokenizer, vocab)
+    parts = []
+    chunks = decode_chunks(model, site_names, norm_variants, top_n, chunk_size, search)
+    for site, norm_gain, layer, units, ids, values in tqdm(chunks, desc="decode", unit="chunk", mininterval=2):
+        n = units.numel()
+        flat_ids = ids.reshape(-1).numpy()
+        offsets = pa.array(range(0, (n + 1) * top_n, top_n), pa.int32())
+        parts.append(pa.table({
+            "site": pa.array([site] * n, pa.string()),
+            "layer": pa.array([layer] * n, pa.int32()),
+            "unit": pa.array(units.numpy(), pa.int32()),
+            "norm_gain": pa.array([norm_gain] * n, pa.bool_()),
+            "token_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids, pa.int32())),
+            "tokens": pa.ListArray.from_arrays(offsets, pa.array([strings[i] for i in flat_ids], pa.string())),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).numpy(), pa.float32())),
+        }, schema=tables.DECODED))
+    log.info("decoded sites %s x %d layers x %d norm variants", ", ".join(site_names), sites.n_layers,
+             len(norm_variants))
+    return pa.concat_tables(parts)

@@ -1,0 +1,311 @@
+"""The stats stage: each unit's expertise for each relation, the Average Precision of its
+responses used as scores for "this prompt is of the relation".
+
+Map: a block job sorts each unit's responses to all identification prompts once and reuses
+that order for every relation. Reduce: a relation job ranks the units of all blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+import torch
+
+from ..io import tables
+from ..errors import NeuronmapError
+from ..prepare.prompts import relation_rng
+from ..io.responses import ResponseReader
+
+log = logging.getLogger(__name__)
+
+# Unit x prompt x relation cells scored at once: bounds a block job's memory whatever the
+# model's width. The kernel reads its counts in scattered order, so it is fastest while each
+# thread's share of a chunk (about 175 units of 1000 prompts and 12 relations) stays in cache.
+CHUNK_CELLS = 1 << 22
+# Fewer units than this per thread cost more in hand-offs than the thread saves.
+_MIN_UNITS_PER_THREAD = 32
+
+
+def average_precision_many(scores: torch.Tensor, positive: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
+    """AP of every column of `scores` [prompts, units] for each of R labelings: `positive`
+    and `included` are [prompts, R] booleans (a prompt outside `included` does not count for
+    that relation). Returns [R, units] float64.
+
+    Exactly sklearn.metrics.average_precision_score, ties included: tied scores form one
+    threshold, so every positive in a tie group gets the precision at the group's end.
+    One sort per unit serves every relation.
+    """
+    return _ap_units_major(scores.T.contiguous(), positive, included)
+
+
+def _ap_units_major(scores: torch.Tensor, positive: torch.Tensor, included: torch.Tensor) -> torch.Tensor:
+    packed = _pack_counts(positive, included)
+    blocks = _row_blocks(scores.shape[0])
+    if len(blocks) == 1:
+        return torch.from_numpy(_ap_rows(scores, packed))
+    parts = _pool(len(blocks)).map(lambda rows: _ap_rows(scores[rows], packed), blocks)
+    return torch.from_numpy(np.concatenate(list(parts), axis=1))
+
+
+class _Field(NamedTuple):
+    """Where one relation's two running counts sit in the packed words. uint64 scalars: numpy
+    1.x turns a uint64 array shifted by a Python int into float64."""
+    word: int
+    positives_shift: np.uint64
+    positives_mask: np.uint64
+    retrieved_shift: np.uint64
+    retrieved_mask: np.uint64
+
+
+class _PackedCounts(NamedTuple):
+    """Each prompt's contribution to every relation's two running counts (its positives and
+    its included prompts) as bit fields of a few uint64 words, so that one cumsum per word
+    counts every relation. A field is as wide as its relation's total needs, so none carries
+    into the next. Prompts get new labels that put each relation's positives side by side."""
+    label: np.ndarray       # [n] int32: each prompt's new label
+    words: np.ndarray       # [W, n] uint64, by new label
+    fields: list[_Field]    # per relation
+    bounds: np.ndarray      # [R + 1]: relation r's positives are labels bounds[r]:bounds[r + 1]
+    word_of: np.ndarray     # [n] int64, by new label: the word of the relation it is a positive of
+    n_positive: np.ndarray  # [R]
+
+
+def _pack_counts(positive: torch.Tensor, included: torch.Tensor) -> _PackedCounts:
+    # Every chunk of a block has the same labels: pack them once.
+    return _pack_counts_of(positive.bool().numpy().tobytes(), included.bool().numpy().tobytes(),
+                           tuple(positive.shape))
+
+
+@functools.lru_cache(maxsize=4)
+def _pack_counts_of(positive: bytes, included: bytes, shape: tuple[int, int]) -> _PackedCounts:
+    included = np.frombuffer(included, bool).reshape(shape)
+    hits = np.frombuffer(positive, bool).reshape(shape) & included
+    if (hits.sum(1) > 1).any():
+        raise ValueError("average_precision_many: a prompt may be a positive of one labeling only")
+    n_positive = hits.sum(0)
+    if (n_positive == 0).any():
+        raise ValueError("average_precision: a labeling has no positive")
+    n, relations = shape
+    owner = np.where(hits.any(1), hits.argmax(1), relations)
+    by_label = np.argsort(owner, kind="stable")
+    label = np.empty(n, np.int32)
+    label[by_label] = np.arange(n, dtype=np.int32)
+    fields = _field_layout(n_positive, included.sum(0))
+    words = np.zeros((fields[-1].word + 1, n), np.uint64)
+    for r, field in enumerate(fields):
+        words[field.word] |= hits[by_label, r].astype(np.uint64) << field.positives_shift
+        words[field.word] |= included[by_label, r].astype(np.uint64) << field.retrieved_shift
+    word_of = np.zeros(n, np.int64)
+    word_of[:n_positive.sum()] = np.repeat([field.word for field in fields], n_positive)
+    return _PackedCounts(label, words, fields, np.concatenate([[0], np.cumsum(n_positive)]), word_of, n_positive)
+
+
+def _field_layout(n_positive: np.ndarray, n_included: np.ndarray) -> list[_Field]:
+    fields, word, used = [], -1, 64
+    for positives, retrieved in zip(n_positive, n_included):
+        positives_bits, retrieved_bits = int(positives).bit_length(), int(retrieved).bit_length()
+        if used + positives_bits + retrieved_bits > 64:
+            word, used = word + 1, 0
+        fields.append(_Field(word, np.uint64(used + retrieved_bits), np.uint64((1 << positives_bits) - 1),
+                             np.uint64(used), np.uint64((1 << retrieved_bits) - 1)))
+        used += positives_bits + retrieved_bits
+    return fields
+
+
+def _ap_rows(scores: torch.Tensor, packed: _PackedCounts) -> np.ndarray:
+    """[R, units] AP of a block of units-major scores."""
+    units, n = scores.shape
+    pairs = _sorted_prompts(scores, packed.label)
+    ends = _tie_group_ends(pairs[..., _KEY])
+    order = pairs[..., _LABEL].astype(np.int64)
+    running = packed.words.take(order.ravel(), axis=1).reshape(-1, n)  # [W * units, n]
+    np.cumsum(running, axis=1, out=running)
+    # Back to label order: each prompt's counts where its tie group ends, read in the word of
+    # its own relation (the only one whose precision it adds to).
+    order += np.arange(0, units * n, n)[:, None]
+    read_at = np.empty((units, n), np.int64)
+    read_at.ravel()[order.ravel()] = ends
+    read_at += packed.word_of * (units * n)
+    counts = running.ravel().take(read_at)
+    ap = np.empty((len(packed.fields), units))
+    for r, field in enumerate(packed.fields):
+        mine = counts[:, packed.bounds[r]:packed.bounds[r + 1]]
+        positives = (mine >> field.positives_shift) & field.positives_mask
+        retrieved = (mine >> field.retrieved_shift) & field.retrieved_mask
+        ap[r] = (positives / retrieved).sum(1) / packed.n_positive[r]
+    return ap
+
+
+# A (label, score key) pair of int32s sorts as one int64 with the key in its high half.
+_LABEL, _KEY = (0, 1) if sys.byteorder == "little" else (1, 0)
+
+
+def _sorted_prompts(scores: torch.Tensor, label: np.ndarray) -> np.ndarray:
+    """Each unit's prompts by descending score, as [units, n, 2] int32 pairs (see _LABEL, _KEY).
+    Sorting the pairs as int64s is several times faster than an argsort of the scores."""
+    units, n = scores.shape
+    pairs = np.empty((units, n, 2), np.int32)
+    _descending_key(scores, out=pairs[..., _KEY])
+    pairs[..., _LABEL] = label
+    pairs.view(np.int64).reshape(units, n).sort(axis=1)
+    return pairs
+
+
+def _descending_key(scores: torch.Tensor, out: np.ndarray) -> None:
+    """int32 keys that order as the scores do, reversed, and tie exactly where they tie."""
+    if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):  # exact in float32
+        # 0 - x rather than -x: -0.0 and 0.0 must tie.
+        bits = np.subtract(np.float32(0), scores.detach().float().numpy()).view(np.int32)
+        # Sign-magnitude float bits to two's complement order: flip the magnitude of negatives.
+        np.right_shift(bits, 31, out=out)
+        out &= 0x7FFFFFFF
+        out ^= bits
+    else:
+        _, rank = torch.unique(scores.detach(), return_inverse=True)
+        out[...] = rank.neg().numpy()
+
+
+def _tie_group_ends(keys: np.ndarray) -> np.ndarray:
+    """Flat position, for each sorted prompt, of the last prompt of its tie group."""
+    units, n = keys.shape
+    last = np.empty((units, n), bool)
+    np.not_equal(keys[:, :-1], keys[:, 1:], out=last[:, :-1])
+    last[:, -1] = True
+    last = last.ravel()
+    group = np.cumsum(last)
+    group -= last
+    return np.flatnonzero(last).take(group)
+
+
+def _row_blocks(units: int) -> list[slice]:
+    """One block of units per torch thread: numpy lets go of the GIL in the kernel's sorts,
+    gathers and cumsums, so the blocks run in parallel."""
+    count = max(1, min(torch.get_num_threads(), units // _MIN_UNITS_PER_THREAD))
+    bounds = np.linspace(0, units, count + 1).astype(int)
+    return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="average-precision")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the threads
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AP of every column of `scores` [prompts, units] against boolean `labels` [prompts]."""
+    labels = labels.bool().unsqueeze(1)
+    return average_precision_many(scores, labels, torch.ones_like(labels))[0]
+
+
+def choose_prompts(prompts: pl.DataFrame, relation: str, negatives_per_positive: int, seed: int) -> pl.DataFrame:
+    """Positives: the relation's identification prompts. Negatives: a seeded sample of other
+    relations' identification prompts, negatives_per_positive times as many (all if fewer)."""
+    identification = prompts.filter(pl.col("split") == "identification")
+    positives = identification.filter(pl.col("relation") == relation)
+    if positives.height == 0:
+        raise NeuronmapError(f"stats: relation {relation} has no identification prompts")
+    others = identification.filter(pl.col("relation") != relation).sort("prompt_id")
+    if others.height == 0:
+        raise NeuronmapError("stats: expertise needs at least two relations (negatives come from the others)")
+    wanted = negatives_per_positive * positives.height
+    if others.height > wanted:
+        rows = relation_rng(seed, relation, "negatives").choice(others.height, wanted, replace=False)
+        others = others[np.sort(rows)]
+    else:
+        log.warning("only %d negatives available for %d positives of %s", others.height, positives.height, relation)
+    return pl.concat([positives.with_columns(label=pl.lit(True)), others.with_columns(label=pl.lit(False))]) \
+        .select("prompt_id", "relation", "label")
+
+
+def label_matrix(chosen: dict[str, pl.DataFrame], prompt_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[prompts, R] positive and included masks over `prompt_ids`, relations in `chosen` order."""
+    row = {pid: i for i, pid in enumerate(prompt_ids)}
+    positive = torch.zeros(len(prompt_ids), len(chosen), dtype=torch.bool)
+    included = torch.zeros_like(positive)
+    for r, frame in enumerate(chosen.values()):
+        rows = torch.as_tensor([row[pid] for pid in frame["prompt_id"]])
+        included[rows, r] = True
+        positive[rows, r] = torch.as_tensor(frame["label"].to_list())
+    return positive, included
+
+
+def unit_chunks(n_prompts: int, width: int, n_relations: int) -> list[slice]:
+    step = max(1, CHUNK_CELLS // max(1, n_prompts * max(1, n_relations)))
+    return [slice(start, min(start + step, width)) for start in range(0, width, step)]
+
+
+def block_expertise(values: np.ndarray, positive: torch.Tensor, included: torch.Tensor) -> dict[str, np.ndarray]:
+    """For one (site, layer): ap, on_p50, on_p90, off_mean as [R, units] arrays."""
+    scores = torch.from_numpy(values)
+    units_major = scores.T.contiguous()
+    out = {key: np.empty((positive.shape[1], values.shape[1]), dtype=np.float64)
+           for key in ("ap", "on_p50", "on_p90", "off_mean")}
+    for chunk in unit_chunks(values.shape[0], values.shape[1], positive.shape[1]):
+        out["ap"][:, chunk] = _ap_units_major(units_major[chunk], positive, included).numpy()
+    quantiles = torch.tensor([0.5, 0.9])
+    for r in range(positive.shape[1]):
+        on = scores[positive[:, r] & included[:, r]]
+        q = torch.quantile(on, quantiles, dim=0)
+        out["on_p50"][r], out["on_p90"][r] = q[0].numpy(), q[1].numpy()
+        out["off_mean"][r] = scores[~positive[:, r] & included[:, r]].mean(0).numpy()
+    return out
+
+
+def layer_block(n_layers: int, block: int, n_blocks: int) -> range:
+    """Layers of block `block` when the model's layers are cut into `n_blocks` near-equal runs."""
+    if not 0 <= block < n_blocks:
+        raise NeuronmapError(f"stats block {block} out of range (stats.blocks = {n_blocks})")
+    return range(block * n_layers // n_blocks, (block + 1) * n_layers // n_blocks)
+
+
+def expertise_block(reader: ResponseReader, chosen: dict[str, pl.DataFrame], pooling: str,
+                    block: int, n_blocks: int) -> pl.DataFrame:
+    """The map step: every relation's scores for the units of one block of layers."""
+    prompt_ids = sorted({pid for frame in chosen.values() for pid in frame["prompt_id"]})
+    positive, included = label_matrix(chosen, prompt_ids)
+    all_blocks = reader.blocks(pooling)
+    if not all_blocks:
+        raise NeuronmapError(f"responses hold no {pooling!r} pooling (extraction poolings must include it)")
+    n_layers = max(layer for _, layer in all_blocks) + 1
+    layers = set(layer_block(n_layers, block, n_blocks))
+    relations = list(chosen)
+    parts = []
+    for site, layer in (key for key in all_blocks if key[1] in layers):
+        stats = block_expertise(reader.read_block(pooling, site, layer, prompt_ids), positive, included)
+        width = stats["ap"].shape[1]
+        for r, relation in enumerate(relations):
+            parts.append(pl.DataFrame({
+                "relation": [relation] * width, "site": [site] * width,
+                "layer": np.full(width, layer, np.int32), "unit": np.arange(width, dtype=np.int32),
+                **{key: value[r] for key, value in stats.items()}}))
+        log.info("block %d: %s layer %d done", block, site, layer)
+    return pl.concat(parts).select(tables.EXPERTISE_BLOCK.names)
+
+
+def rank_units(scores: pl.DataFrame, tie_seed: int = 0) -> pl.DataFrame:
+    """The reduce step for one relation: all units ranked by AP (1 = most expert)."""
+    scores = scores.sort("site", "layer", "unit")
+    # Small prompt sets leave many units tied (often at AP = 1). A seeded random order among
+    # ties keeps the ranking deterministic without favouring any site or layer.
+    tie_break = np.random.default_rng(tie_seed).permutation(scores.height)
+    table = scores.with_columns(tie_break=tie_break).sort(["ap", "tie_break"], descending=[True, False])
+    return table.with_columns(rank=pl.int_range(1, table.height + 1, dtype=pl.Int64)) \
+        .select(tables.EXPERTISE.names)
+
+
+def selected_units(expertise: pl.DataFrame, relation: str, top_k: Sequence[int]) -> pl.DataFrame:
+    k = max(top_k)
+    if k > expertise.height:
+        raise NeuronmapError(f"top_k: {k} is larger than the {expertise.height} units ranked")
+    return expertise.filter(pl.col("rank") <= k).with_columns(relation=pl.lit(relation)) \
+        .select(tables.SELECTED_UNITS.names)
