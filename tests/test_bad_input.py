@@ -85,7 +85,7 @@ FACTS = [{"subject": f"subject {i}", "object": f"object {i}"} for i in range(40)
 PARSE_TIME = [
     ("unknown-key", lambda tmp: {"top_kk": [10]}, "config: Additional properties are not allowed ('top_kk' was unexpected)"),
     ("wrong-type", lambda tmp: {"top_k": "ten"}, "config: top_k: 'ten' is not of type 'array'"),
-    ("missing-relation-file", lambda tmp: {"relations": {"names": ["no_such_relation"]}},
+    ("missing-relation-file", lambda tmp: {"relations": {"names": ["no_such_relation", "verb_past_tense"]}},
      "relations.names: no file no_such_relation.json under data/relations"),
     ("template-without-braces", lambda tmp: custom_relation(tmp, ["The capital of France is"], FACTS),
      "prompt_templates[0] 'The capital of France is' must contain exactly one {} for the subject"),

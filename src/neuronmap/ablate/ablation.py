@@ -17,11 +17,11 @@ import numpy as np
 import polars as pl
 import torch
 
+from ..errors import NeuronmapError
 from ..model.architectures import MlpSites
 from ..model.deactivation import Deactivation, deactivated
-from ..errors import NeuronmapError
-from .evaluation import EvaluationSettings, generate, generate_sweep, is_correct
 from ..prepare.prompts import relation_rng
+from .evaluation import EvaluationSettings, generate, generate_sweep, is_correct
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ SETTINGS = {"baseline": BaselineSettings, "ablate": AblationSettings, "ablation-
 def _evaluation_prompts(path: str, translated_path: str, source_language: str):
     """The source language's test prompts, then the translated ones."""
     import polars as pl
+
     from ..io.parquet import read_table
     prompts = read_table(path).filter(pl.col("split") == "test").sort("prompt_id") \
         .with_columns(language=pl.lit(source_language))
@@ -66,8 +67,15 @@ def cmd_ablate(args) -> None:
     from ..model.architectures import MlpSites
     from ..model.deactivation import Deactivation
     from ..model.loading import load_for_job
-    from .ablation import (BASELINE, DeactivationValue, ablations_for, configs_per_batch_for, deactivation_for,
-                           evaluate_plan, off_means)
+    from .ablation import (
+        BASELINE,
+        DeactivationValue,
+        ablations_for,
+        configs_per_batch_for,
+        deactivation_for,
+        evaluate_plan,
+        off_means,
+    )
     from .perplexity import mean_nll, perplexity_frame, read_text
     settings = args.settings
     selected = read_table(args.units)
@@ -113,6 +121,7 @@ def args_ablate(p) -> None:
 def cmd_ablation_summary(args) -> None:
     """paired significance, sweep curves, languages and perplexity"""
     import polars as pl
+
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from .sweep import paired_table, perplexity_table, sweep_table

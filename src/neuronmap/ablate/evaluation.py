@@ -9,6 +9,7 @@ a per-row unit mask deciding which units each row has switched off.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 from tqdm import tqdm
 

@@ -16,10 +16,10 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from ..errors import NeuronmapError
 from ..io import tables
 from ..model.architectures import MlpSites
 from ..model.deactivation import Deactivation, RowDeactivation
-from ..errors import NeuronmapError
 
 # Bytes of float32 logits one forward pass may hold: bounds memory whatever the config count.
 LOGIT_BUDGET = 512 * 2 ** 20

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from ..io import tables
 from ..errors import NeuronmapError
+from ..io import tables
 from .significance import benjamini_hochberg, paired_difference
 
 CONFIG_KEY = ["ablated_relation", "k", "control", "seed"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from .. import cli
+from .checks import check_config
 from .fingerprint import code_fingerprint
 from .schema import validated
-from .checks import check_config
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
            "shell_prefix"]

@@ -18,6 +18,7 @@ SETTINGS = {"extract": ExtractionSettings, "neuron-stats": NeuronStatsSettings}
 def cmd_extract(args) -> None:
     """pooled responses and token statistics of one shard's prompts"""
     import polars as pl
+
     from ..io.parquet import read_table
     from ..model.host_memory import return_large_buffers_to_the_os
     from ..model.loading import load_for_job

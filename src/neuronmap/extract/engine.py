@@ -11,14 +11,14 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from ..io import tables
-from ..model.architectures import MlpSites
-from ..model.batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
 from ..errors import NeuronmapError
-from ..model.hooks import SiteRecorder, TokenMask
-from .neuron_stats import UnitStats, partial_table, top_table
+from ..io import tables
 from ..io.parquet import atomic_path, write_table
 from ..io.responses import ResponseWriter
+from ..model.architectures import MlpSites
+from ..model.batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
+from ..model.hooks import SiteRecorder, TokenMask
+from .neuron_stats import UnitStats, partial_table, top_table
 from .settings import ExtractionSettings
 
 log = logging.getLogger(__name__)

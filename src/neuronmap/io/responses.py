@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import tables
 from ..errors import NeuronmapError
+from . import tables
 from .parquet import open_parquet
 
 VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}

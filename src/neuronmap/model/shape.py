@@ -38,6 +38,7 @@ def shape_from_config(config) -> ModelShape:
     """Instantiated on the meta device: no weights read, no memory used."""
     import torch
     from transformers import AutoModelForCausalLM
+
     from .architectures import adapter_for
     adapter_for(config.model_type)  # an unsupported architecture fails here, by name
     with torch.device("meta"):
@@ -48,6 +49,7 @@ def shape_from_config(config) -> ModelShape:
 def _gguf_shape(path: Path) -> ModelShape:
     # The header's metadata names every width; reading it maps the file, it loads no tensor.
     from gguf import GGUFReader
+
     from .architectures import adapter_for
     fields = GGUFReader(path).fields
 

@@ -47,6 +47,7 @@ def args_prepare(p) -> None:
 def cmd_merge_prompts(args) -> None:
     """per-relation prompts files -> one prompts.parquet"""
     import polars as pl
+
     from ..io import tables
     from ..io.parquet import read_table, write_table
     prompts = pl.concat([read_table(path) for path in args.inputs], how="vertical")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ..io import tables
 from ..errors import NeuronmapError
+from ..io import tables
 from .prompts import relation_prompts
 from .relations import load_relation
 from .settings import PromptSettings

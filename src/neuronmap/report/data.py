@@ -14,7 +14,6 @@ from pathlib import Path
 
 import polars as pl
 
-
 # Packages whose versions decide the numbers (or the look) of a run.
 VERSIONED_PACKAGES = ("neuronmap", "torch", "transformers", "snakemake", "polars", "pyarrow", "numpy",
                       "altair", "vl-convert-python")

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import logging
 
-from .settings import (BlockSettings, ChoiceSettings, DecodeSettings, OverlapSettings, SelectionSettings,
-                       SparsitySettings)
+from .settings import (
+    BlockSettings,
+    ChoiceSettings,
+    DecodeSettings,
+    OverlapSettings,
+    SelectionSettings,
+    SparsitySettings,
+)
 
 log = logging.getLogger("neuronmap")
 
@@ -45,6 +51,7 @@ def args_stats_block(p) -> None:
 def cmd_stats(args) -> None:
     """rank every unit for one relation and select its top-k"""
     import polars as pl
+
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from .expertise import rank_units, selected_units
@@ -73,6 +80,7 @@ def args_stats(p) -> None:
 
 def _selected(paths):
     import polars as pl
+
     from ..io.parquet import read_table
     return pl.concat([read_table(path) for path in paths])
 
@@ -108,6 +116,7 @@ def args_shared_units(p) -> None:
 def cmd_decode(args) -> None:
     """every neuron's weight vectors through the unembedding -> top tokens"""
     import torch
+
     from ..io import tables
     from ..io.parquet import write_table
     from ..model.loading import load_for_job
@@ -130,6 +139,7 @@ def args_decode(p) -> None:
 def cmd_sparsity(args) -> None:
     """firing rates per layer and dead units from neuron_stats.parquet"""
     import polars as pl
+
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from .sparsity import NEEDED, check_columns, dead_units, per_layer

@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from ..errors import NeuronmapError
 from ..io import tables
 from ..model.architectures import MlpSites, final_norm_gain, linear_weight
-from ..errors import NeuronmapError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from ..io import tables
 from ..errors import NeuronmapError
-from ..prepare.prompts import relation_rng
+from ..io import tables
 from ..io.responses import ResponseReader
+from ..prepare.prompts import relation_rng
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from ..io import tables
 from ..errors import NeuronmapError
+from ..io import tables
 
 NEEDED = ("site", "layer", "unit", "count", "max", "frac_positive", "frac_active")
 
