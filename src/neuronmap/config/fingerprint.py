@@ -42,6 +42,11 @@ def _command_only(tree: ast.Module, command: str) -> ast.Module:
     return tree
 
 
+# (file, its text, command) -> (stripped tree as text, package modules it imports): the workflow
+# asks for every rule's fingerprint at each parse, and the rules share most modules.
+_READ: dict[tuple, tuple[str, frozenset[str]]] = {}
+
+
 class ModuleGraph:
     """The package's modules as files under `root` (the directory holding the `neuronmap` folder)."""
 
@@ -86,6 +91,15 @@ class ModuleGraph:
                     modules.add(prefix)
         return modules
 
+    def read(self, module: str, command: str | None = None) -> tuple[str, frozenset[str]]:
+        path = self.path(module)
+        text = path.read_text()
+        key = (str(path), text, command)
+        if key not in _READ:
+            tree = self.tree(module, command)
+            _READ[key] = (ast.dump(tree), frozenset(self.imports(module, tree)))
+        return _READ[key]
+
     def closure(self, module: str, command: str | None = None) -> dict[str, str]:
         """Every module `module` runs, as {module: its stripped syntax tree dumped as text}."""
         dumps, todo = {}, [(module, command)]
@@ -93,9 +107,8 @@ class ModuleGraph:
             name, only = todo.pop()
             if name in dumps:
                 continue
-            tree = self.tree(name, only)
-            dumps[name] = ast.dump(tree)
-            todo += [(other, None) for other in self.imports(name, tree) if other not in dumps]
+            dumps[name], imported = self.read(name, only)
+            todo += [(other, None) for other in imported if other not in dumps]
         return dumps
 
 
