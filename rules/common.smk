@@ -1,6 +1,7 @@
 # Input functions, and what the rules ask the package (neuronmap.config.workflow): the validated
 # config, each command's settings and code fingerprint, and the files a rule reads.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,9 @@ RUN = f"results/{config['run']}"
 RELATIONS = config["relations"]["names"]
 SHARDS = list(range(config["shards"]))
 STATS_BLOCKS = list(range(config["stats_blocks"]))
+# Relative to the working directory, like every other input.
 REPORT_ASSETS = sorted(
-    str(path.relative_to(workflow.basedir))
+    os.path.relpath(path)
     for path in (Path(workflow.basedir) / "src/neuronmap/report/assets").iterdir()
 )
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from ..errors import NeuronmapError
 
-DECODE_NEEDS = {"gate": "gate", "up": "up", "act": "act"}  # decode site -> the MLP site it reads
-
 
 def check_keys(config: dict) -> None:
     """What the config says of itself."""

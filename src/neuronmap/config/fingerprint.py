@@ -60,8 +60,8 @@ class ModuleGraph:
                 return candidate
         return None
 
-    def tree(self, module: str, command: str | None = None) -> ast.Module:
-        tree = ast.parse(self.path(module).read_text())
+    def tree(self, module: str, command: str | None = None, text: str | None = None) -> ast.Module:
+        tree = ast.parse(self.path(module).read_text() if text is None else text)
         if command is not None:
             tree = _command_only(tree, command)
         return _without_docstrings(tree)
@@ -96,7 +96,7 @@ class ModuleGraph:
         text = path.read_text()
         key = (str(path), text, command)
         if key not in _READ:
-            tree = self.tree(module, command)
+            tree = self.tree(module, command, text)
             _READ[key] = (ast.dump(tree), frozenset(self.imports(module, tree)))
         return _READ[key]
 
