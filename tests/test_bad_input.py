@@ -79,6 +79,18 @@ def unsupported_model(tmp_path) -> dict:
     return {"model": str(model)}
 
 
+def llama_dir(tmp_path, files=("model.safetensors", "tokenizer.json"), **config) -> dict:
+    """A Llama config with the named files (empty: the checks read names, not contents)."""
+    model = tmp_path / "llama-like"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
+                                                   "intermediate_size": 64, "num_attention_heads": 4,
+                                                   "vocab_size": 100, **config}))
+    for name in files:
+        (model / name).write_bytes(b"")
+    return {"model": str(model)}
+
+
 FACTS = [{"subject": f"subject {i}", "object": f"object {i}"} for i in range(40)]
 
 # (case, change to the e2e config, what the one message must say)
@@ -103,6 +115,13 @@ PARSE_TIME = [
      "languages.evaluate: 'xx' has no folder"),
     ("language-without-relations", language_without_relations,
      "languages.evaluate: 'xx' translates none of relations.names"),
+    ("pickle-weights-only", lambda tmp: llama_dir(tmp, files=("pytorch_model.bin", "tokenizer.json")),
+     "has only pickle weights (pytorch_model.bin), and neuronmap loads safetensors only"),
+    ("no-tokenizer", lambda tmp: llama_dir(tmp, files=("model.safetensors",)), "has no tokenizer"),
+    ("remote-code-required", lambda tmp: llama_dir(tmp, model_type="my_llama",
+                                                   auto_map={"AutoModelForCausalLM": "modeling.MyLlama"}),
+     "asks for remote code (auto_map: AutoModelForCausalLM) to run model type 'my_llama', and trust_remote_code "
+     "is false"),
     # The down site of SmolLM2-135M has 30 layers x 576 units = 17280 units.
     ("top-k-over-units", lambda tmp: {"sites": ["down"], "top_k": [20000]},
      "top_k: 20000 is more than the 17280 units of sites ['down'] in llama (30 layers)"),

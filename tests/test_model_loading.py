@@ -45,3 +45,36 @@ def test_missing_model_is_a_clear_error(tmp_path, spec, message):
 def test_auto_dtype_is_float32_on_cpu():
     assert pick_dtype("auto", torch.device("cpu")) is torch.float32
     assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+
+
+def hf_dir(path, files, **config):
+    from transformers import LlamaConfig
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                vocab_size=50, **config).save_pretrained(path)
+    for name in files:
+        (path / name).write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("files, config, message", [
+    (("pytorch_model.bin", "tokenizer.json"), {}, r"only pickle weights \(pytorch_model.bin\)"),
+    (("tokenizer.json",), {}, r"has no weights \(no \*.safetensors file\)"),
+    (("model.safetensors",), {}, "has no tokenizer"),
+    (("model.safetensors", "tokenizer.json"), {"auto_map": {"AutoModelForCausalLM": "m.M"}, "model_type": "mine"},
+     "asks for remote code .* trust_remote_code is false"),
+])
+def test_model_directory_is_checked_when_prepared(tmp_path, files, config, message):
+    model = hf_dir(tmp_path / "model", files)
+    if config:  # a config class of its own would not save an unknown model_type: edit the JSON
+        data = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**data, **config}))
+    with pytest.raises(NeuronmapError, match=message):
+        prepare_model(str(model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_map_on_a_supported_architecture_is_accepted(tmp_path):
+    """transformers runs its own Llama code whatever auto_map says: nothing to refuse."""
+    model = hf_dir(tmp_path / "model", ("model.safetensors", "tokenizer.json"),
+                   auto_map={"AutoModelForCausalLM": "m.M"})
+    assert prepare_model(str(model), tmp_path / "out")["model_type"] == "llama"

@@ -45,9 +45,14 @@ def check_languages(config: dict) -> None:
 
 
 def check_model(config: dict, prepared: str | Path | None = None) -> None:
-    """The model exists, its architecture is supported and has the configured sites, and top_k
-    fits its number of units."""
+    """The model exists, its architecture is supported and has the configured sites, top_k fits
+    its number of units, and a local directory holds what a job loads (safetensors weights, a
+    tokenizer, no remote code unless allowed)."""
+    from ..model.loading import check_model_files, check_remote_code
     from ..model.shape import model_shape
+    local = Path(config["model"]).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        check_remote_code(local, config["trust_remote_code"])
     shape = model_shape(config["model"], config["trust_remote_code"], prepared)
     for key, sites in (("sites", config["sites"]), ("decode.sites", config["decode"]["sites"])):
         missing = [site for site in sites if site not in shape.sites]
@@ -60,6 +65,8 @@ def check_model(config: dict, prepared: str | Path | None = None) -> None:
         raise NeuronmapError(
             f"top_k: {max(config['top_k'])} is more than the {units} units of sites {config['sites']} in "
             f"{shape.model_type} ({shape.n_layers} layers)")
+    if local.is_dir() and (local / "config.json").is_file():
+        check_model_files(local)
 
 
 def check_config(config: dict, prepared: str | Path | None = None) -> None:

@@ -73,6 +73,46 @@ def resolve_source(spec: str) -> tuple[str, Path]:
             f"(neuronmap never downloads at run time): {exc.__class__.__name__}") from None
 
 
+# Files that hold a tokenizer Hugging Face can load (fast tokenizer, sentencepiece, BPE or WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
+    """A directory whose config.json asks for remote code (auto_map) for an architecture that
+    neuronmap does not know natively is refused while trust_remote_code is off, saying so."""
+    from .architectures import ADAPTERS
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NeuronmapError(f"model: {config_path} is not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    if config.get("auto_map") and not trust_remote_code and model_type not in ADAPTERS:
+        raise NeuronmapError(
+            f"model: {config_path} asks for remote code (auto_map: {', '.join(sorted(config['auto_map']))}) to run "
+            f"model type {model_type!r}, and trust_remote_code is false: neuronmap runs no code from a model "
+            "directory unless you set trust_remote_code: true (only for a model you trust; its architecture must "
+            "still be a supported one)")
+
+
+def check_model_files(path: str | Path) -> None:
+    """Safetensors weights and a tokenizer, from the file names alone (nothing is read)."""
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles:
+            raise NeuronmapError(
+                f"model: {path} has only pickle weights ({', '.join(pickles[:3])}), and neuronmap loads safetensors "
+                "only (unpickling can run code): convert them once, e.g. AutoModelForCausalLM.from_pretrained(dir)"
+                ".save_pretrained(new_dir), and set model to the new directory")
+        raise NeuronmapError(f"model: {path} has no weights (no *.safetensors file)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise NeuronmapError(
+            f"model: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
+            "the model it was trained with into it")
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -103,9 +143,12 @@ def prepare_model(spec: str, out_dir: str | Path, trust_remote_code: bool = Fals
             tokenizer.save_pretrained(tmp)
             config, weights = model.config, "."
         else:
+            check_remote_code(path, trust_remote_code)
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
             weights = str(path)
         shape = shape_from_config(config)  # an unsupported architecture fails now, not three jobs later
+        if kind == "hf":
+            check_model_files(path)  # and so do missing weights or tokenizer
         manifest = {"source": spec, "kind": kind, "source_path": str(path), "weights": weights,
                     "model_type": config.model_type,
                     "architectures": list(getattr(config, "architectures", None) or []),
