@@ -66,6 +66,7 @@ def cmd_ablate(args) -> None:
     from ..io.parquet import read_table, write_table
     from ..model.architectures import MlpSites
     from ..model.deactivation import Deactivation
+    from ..model.dispatch import input_device
     from ..model.loading import load_for_job
     from .ablation import (
         BASELINE,
@@ -90,7 +91,7 @@ def cmd_ablate(args) -> None:
         negative_means = off_means(expertise, {site: sites.width(site) for site in expertise["site"].unique()})
     plan = ablations_for(args.relation, selected, settings.top_k, settings.seeds, widths)
     configs = [deactivation_for(a, value, negative_means) for a in plan]
-    per_batch = configs_per_batch_for(settings.configs_per_batch, next(model.parameters()).device)
+    per_batch = configs_per_batch_for(settings.configs_per_batch, input_device(model))
     log.info("%d ablation configurations per forward batch", per_batch)
     predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings.evaluation, per_batch,
                                 settings.random_eval)

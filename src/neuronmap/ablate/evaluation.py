@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..model.architectures import MlpSites
 from ..model.batching import encode, length_sorted_batches
+from ..model.dispatch import input_device
 from ..model.deactivation import Deactivation, RowDeactivation
 from .settings import EvaluationSettings
 
@@ -41,7 +42,7 @@ def is_correct(generated: str, objects: Sequence[str], match: str = "prefix", ca
 
 def generate(model, tokenizer, texts: Sequence[str], settings: EvaluationSettings, desc: str = "generate") -> list[str]:
     """Greedy continuations of every text (only the new tokens), batched by length."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     lengths = [len(x) for x in tokenizer(list(texts))["input_ids"]]
     outputs: list[str | None] = [None] * len(texts)
     batches = list(length_sorted_batches(lengths, settings.batch_size))
@@ -69,7 +70,7 @@ def generate_sweep(model, tokenizer, texts: Sequence[str], configs: Sequence[Dea
     """
     if configs_per_batch < 1:
         raise ValueError("configs_per_batch must be at least 1")
-    device = next(model.parameters()).device
+    device = input_device(model)
     lengths = [len(x) for x in tokenizer(list(texts))["input_ids"]]
     outputs: list[list[str | None]] = [[None] * len(texts) for _ in configs]
     batches = list(length_sorted_batches(lengths, settings.batch_size))

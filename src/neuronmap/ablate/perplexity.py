@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..errors import NeuronmapError
 from ..io import tables
 from ..model.architectures import MlpSites
+from ..model.dispatch import input_device
 from ..model.deactivation import Deactivation, RowDeactivation
 
 # Bytes of float32 logits one forward pass may hold: bounds memory whatever the config count.
@@ -43,7 +44,7 @@ def read_text(path: str | Path, tokenizer, max_tokens: int) -> torch.Tensor:
 def mean_nll(model, input_ids: torch.Tensor, configs: Sequence[Deactivation]) -> list[float]:
     """Mean negative log-likelihood (nats per predicted token) of `input_ids` [1, T] under each
     configuration."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = input_ids.to(device)
     tokens = input_ids.shape[1]
     vocab = model.get_output_embeddings().weight.shape[0]

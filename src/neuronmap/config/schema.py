@@ -50,6 +50,6 @@ def defaults(schema_path: str | Path = SCHEMA_PATH) -> dict:
 
 
 def _sorted_keys(value):
-    if isinstance(value, dict):
-        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, dict):  # keys as text: YAML reads max_memory's `0:` as a number, JSON writes "0"
+        return {str(key): _sorted_keys(value[key]) for key in sorted(value, key=str)}
     return value

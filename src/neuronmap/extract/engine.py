@@ -17,6 +17,7 @@ from ..io.parquet import atomic_path, write_table
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
+from ..model.dispatch import input_device, site_device
 from ..model.hooks import SiteRecorder, TokenMask
 from .neuron_stats import UnitStats, partial_table, top_table
 from .settings import ExtractionSettings
@@ -41,7 +42,7 @@ class Extraction:
 
     def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.sites = MlpSites(model)
         store_dtype = torch.float16 if settings.response_dtype == "float16" else torch.float32
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
@@ -51,7 +52,8 @@ class Extraction:
         bos = tokenizer.bos_token_id
         self.exclude_first = (not settings.include_bos and bos is not None
                               and all(ids and ids[0] == bos for ids in self.token_ids))
-        self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n, self.device)
+        self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n,
+                                               site_device(self.sites, site, layer))
                       for site in settings.sites for layer in range(self.sites.n_layers)}
 
     def run(self, outputs: ExtractionOutputs) -> None:

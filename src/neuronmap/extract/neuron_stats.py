@@ -48,6 +48,7 @@ class UnitStats:
         self.active += seen.active.double()
         if self.top_n:
             # The batch's peaks join the running top, and one topk keeps the best.
+            prompt_index = prompt_index.to(seen.peaks.device)  # this layer's device in a dispatched model
             self._merge_top(seen.peaks, prompt_index[:, None].expand_as(seen.peaks), seen.peak_positions)
 
     def _merge_top(self, values, prompts, positions) -> None:

@@ -104,6 +104,8 @@ class RowDeactivation:
 
     set_rows prepares, per hook point, only what the configurations of those rows touch, so a
     hook costs nothing where none of them masks a unit and reads and writes only their columns.
+    It places them on `device`; in a model dispatched over several devices, a hook whose layer
+    runs elsewhere moves its part there once per set_rows.
     """
 
     def __init__(self, sites: MlpSites, configs: Sequence[Deactivation], device: torch.device | str = "cpu"):
@@ -150,6 +152,8 @@ class RowDeactivation:
             entry = self.active.get(point)
             if entry is None:
                 return None
+            if entry[0].device != x.device:  # a dispatched model's layer on another device: moved once
+                entry = self.active[point] = tuple(None if t is None else t.to(x.device) for t in entry)
             columns, mask, fill = entry
             # In place: the tensor is this layer's own temporary; unmasked entries stay as they are.
             if mask is None:

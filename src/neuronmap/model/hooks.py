@@ -43,6 +43,13 @@ class TokenMask:
         counts = valid.sum(1, keepdim=True)
         return cls(valid, lengths, counts.clamp(min=1).float(), int(counts.sum()))
 
+    def to(self, device: torch.device) -> "TokenMask":
+        """The mask on `device` (itself where it already is): a dispatched model's layers read it
+        on their own devices."""
+        if self.valid.device == device:
+            return self
+        return TokenMask(self.valid.to(device), self.lengths.to(device), self.counts.to(device), self.count)
+
 
 @dataclass
 class BatchObservation:
@@ -153,15 +160,22 @@ class SiteRecorder:
         self.poolings = tuple(poolings)
         self.active_threshold = active_threshold
         self.mask: TokenMask | None = None
+        self._masks: dict[torch.device, TokenMask] = {}
         self.observations: dict[tuple[str, int], BatchObservation] = {}
+
+    def mask_on(self, device: torch.device) -> TokenMask:
+        """The batch's mask on a layer's device, copied there once per batch."""
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
 
     def _hook(self, site: str, layer: int, is_input: bool):
         def read(module, args, output=None):
             x = args[0] if is_input else output
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(*self.mask.valid.shape, -1)
-            self.observations[(site, layer)] = observe(x, self.mask, self.poolings, self.active_threshold,
-                                                       self.fused, self.pooled_dtype)
+            self.observations[(site, layer)] = observe(x, self.mask_on(x.device), self.poolings,
+                                                       self.active_threshold, self.fused, self.pooled_dtype)
         return read
 
     def _fused_forward(self, layer: int, activation: str):
@@ -169,10 +183,11 @@ class SiteRecorder:
 
         def forward(x):
             gate, up = gate_proj(x), up_proj(x)
-            act, *statistics = run_fused(gated_mlp_statistics, gate, up, self.mask.valid.unsqueeze(-1),
+            mask = self.mask_on(gate.device)
+            act, *statistics = run_fused(gated_mlp_statistics, gate, up, mask.valid.unsqueeze(-1),
                                          self.active_threshold, activation)
             for site, values, seen in zip(("gate", "up", "act"), (gate, up, act), statistics):
-                self.observations[(site, layer)] = summarize(values, self.mask, self.poolings, seen, self.pooled_dtype)
+                self.observations[(site, layer)] = summarize(values, mask, self.poolings, seen, self.pooled_dtype)
             return down_proj(act)
         return forward
 
@@ -180,8 +195,8 @@ class SiteRecorder:
         if not self.fused or not {"gate", "up", "act"} <= set(self.site_names):
             return None
         mlps = [self.sites.mlp(layer) for layer in range(self.sites.n_layers)]
-        if any("forward" in vars(mlp) for mlp in mlps):
-            return None  # already wrapped (accelerate's device hooks, nnsight...): leave their forward alone
+        if any("forward" in vars(mlp) and not _placed_by_accelerate(mlp) for mlp in mlps):
+            return None  # already wrapped by someone else (nnsight...): leave their forward alone
         activations = [fusable_activation(mlp) for mlp in mlps]
         return None if None in activations else list(zip(mlps, activations))
 
@@ -192,8 +207,11 @@ class SiteRecorder:
             fusable = self._fusable_mlps()
             if fusable:
                 for layer, (mlp, activation) in enumerate(fusable):
-                    mlp.forward = self._fused_forward(layer, activation)  # shadows the class's forward
-                    patched.append(mlp)
+                    # accelerate's wrapper runs its device hooks around _old_forward: the fused
+                    # forward goes in there, so weights and inputs still reach the layer's device.
+                    name = "_old_forward" if _placed_by_accelerate(mlp) else "forward"
+                    patched.append((mlp, name, vars(mlp).get(name)))
+                    setattr(mlp, name, self._fused_forward(layer, activation))  # shadows the class's forward
             for site in self.site_names:
                 if fusable and site != "down":
                     continue
@@ -204,18 +222,39 @@ class SiteRecorder:
         finally:
             for handle in handles:
                 handle.remove()
-            for mlp in patched:
-                del mlp.forward
+            for mlp, name, original in patched:
+                if original is None:
+                    delattr(mlp, name)
+                else:
+                    setattr(mlp, name, original)
 
     def start_batch(self, mask: TokenMask) -> None:
         self.mask = mask
+        self._masks = {mask.valid.device: mask}
         self.observations = {}
 
     def pooled_to_host(self) -> dict[tuple[str, str], torch.Tensor]:
-        """One device-to-host copy per (pooling, site): [layers, batch, units] tensors."""
-        return {(pooling, site): torch.stack([self.observations[(site, layer)].pooled[pooling]
-                                              for layer in range(self.sites.n_layers)]).cpu()
+        """One device-to-host copy per (pooling, site) and device: [layers, batch, units] tensors."""
+        return {(pooling, site): stack_to_host([self.observations[(site, layer)].pooled[pooling]
+                                                for layer in range(self.sites.n_layers)])
                 for pooling in self.poolings for site in self.site_names}
+
+
+def _placed_by_accelerate(module: torch.nn.Module) -> bool:
+    """accelerate's device hooks wrap the module's forward, keeping the original as _old_forward."""
+    return hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+
+
+def stack_to_host(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(tensors).cpu() for tensors on several devices (a dispatched model's layers):
+    each device's run of tensors stacked there and copied in one piece."""
+    runs: list[list[torch.Tensor]] = []
+    for tensor in tensors:
+        if runs and runs[-1][0].device == tensor.device:
+            runs[-1].append(tensor)
+        else:
+            runs.append([tensor])
+    return torch.cat([torch.stack(run).cpu() for run in runs]) if len(runs) > 1 else torch.stack(tensors).cpu()
 
 
 def pooled_responses(model, sites: MlpSites, site_names, pooling: str, batch: dict[str, torch.Tensor],

@@ -13,12 +13,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from ..errors import NeuronmapError
 from ..io.parquet import UMASK
+from . import dispatch
 from .settings import ModelSettings
 from .shape import shape_from_config
 
@@ -196,8 +198,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a prepared model directory, in eval mode on the device."""
+               trust_remote_code: bool = False, device_map: str = "single", max_memory: dict | None = None,
+               offload: str = "none"):
+    """Load (model, tokenizer) from a prepared model directory, in eval mode. device_map single:
+    on `device`. auto or balanced: decoder layers placed by accelerate over the GPUs (a CUDA
+    `device`) or the CPU, within `max_memory`, the rest offloaded as `offload` allows; each
+    weight goes from the safetensors files straight to its device (see dispatch.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(model_dir)
@@ -205,18 +211,41 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        weights, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        local_files_only=True)
-    model.to(torch_device).eval()
+    options = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True)
+    if device_map == "single":
+        model = AutoModelForCausalLM.from_pretrained(weights, **options)
+        model.to(torch_device)
+        placed = str(torch_device)
+    else:
+        placement = layer_placement(weights, torch_device, torch_dtype, trust_remote_code, device_map,
+                                    max_memory or {}, offload)
+        folder = dispatch.offload_folder() if "disk" in placement.values() else None
+        model = AutoModelForCausalLM.from_pretrained(weights, device_map=placement, offload_folder=folder, **options)
+        placed = ", ".join(f"{device}: {count} modules" for device, count in
+                           sorted(Counter(str(d) for d in placement.values()).items()))
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    log.info("loaded %s (%s) on %s as %s", manifest["source"], manifest["model_type"], torch_device, torch_dtype)
+    log.info("loaded %s (%s) on %s as %s", manifest["source"], manifest["model_type"], placed, torch_dtype)
     return model, tokenizer
+
+
+def layer_placement(weights: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+                    device_map: str, max_memory: dict, offload: str) -> dict:
+    """The device of every module of the model in `weights`, from its config alone."""
+    from accelerate.utils import get_max_memory
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
+    budget = dispatch.memory_budget(max_memory, offload, device, get_max_memory())
+    placement = dispatch.place_layers(dispatch.meta_model(config, trust_remote_code), budget,
+                                      device_map == "balanced", dtype)
+    dispatch.check_offload(placement, offload, device.type == "cuda")
+    return placement
 
 
 def load_for_job(model_dir: str | Path, settings: ModelSettings, threads: int = 0):
     """A command's model: torch held to the job's CPU threads (0 = torch's default), then loaded."""
     if threads:
         torch.set_num_threads(threads)
-    return load_model(model_dir, settings.device, settings.dtype, settings.trust_remote_code)
+    return load_model(model_dir, settings.device, settings.dtype, settings.trust_remote_code, settings.device_map,
+                      settings.max_memory, settings.offload)

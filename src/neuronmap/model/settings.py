@@ -18,3 +18,6 @@ class ModelSettings(Settings):
     device: str
     dtype: str
     trust_remote_code: bool
+    device_map: str
+    max_memory: dict[str, int | str]
+    offload: str

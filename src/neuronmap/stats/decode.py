@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..errors import NeuronmapError
 from ..io import tables
 from ..model.architectures import MlpSites, final_norm_gain, linear_weight
+from ..model.dispatch import materialized
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,20 @@ def decode_chunks(model, site_names: Sequence[str], norm_variants: Sequence[bool
                                                                    torch.Tensor]]:
     """Yield (site, norm_gain, layer, unit ids, top token ids, top scores), chunk by chunk."""
     sites = MlpSites(model)
-    unembedding = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
-    coarse = search_dtype(search, unembedding.device)
-    searched = unembedding.to(coarse) if coarse != unembedding.dtype else None
-    candidates = candidates or max(4 * top_n, top_n + 32)
-    gain = final_norm_gain(model).to(unembedding.dtype) if any(norm_variants) else None
-    with torch.inference_mode():
+    # A dispatched model's weights may be offloaded: the head and the final norm are loaded for the
+    # whole decoding, each layer's MLP while it is decoded, and every vector meets the unembedding
+    # on the unembedding's device.
+    with torch.inference_mode(), materialized(model, exclude=sites.layers):
+        unembedding = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+        coarse = search_dtype(search, unembedding.device)
+        searched = unembedding.to(coarse) if coarse != unembedding.dtype else None
+        candidates = candidates or max(4 * top_n, top_n + 32)
+        gain = final_norm_gain(model).to(unembedding) if any(norm_variants) else None
         for layer in range(sites.n_layers):
+            with materialized(sites.layers[layer]):
+                vectors = {site: neuron_vectors(sites, site, layer).detach().to(unembedding) for site in site_names}
             for site in site_names:
-                weights = neuron_vectors(sites, site, layer).detach().to(unembedding.dtype)
+                weights = vectors[site]
                 for start in range(0, weights.shape[0], chunk_size):
                     block = weights[start:start + chunk_size]
                     units = torch.arange(start, start + block.shape[0])
