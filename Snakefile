@@ -19,6 +19,7 @@ wildcard_constraints:
 
 
 include: "rules/prepare.smk"
+include: "rules/plan.smk"
 include: "rules/extract.smk"
 include: "rules/stats.smk"
 include: "rules/ablate.smk"

@@ -14,7 +14,7 @@ rule baseline:
         "../envs/neuronmap.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPUS,
         mem_mb=4000,
     params:
         settings=settings("baseline"),
@@ -47,7 +47,7 @@ rule ablate:
         "../envs/neuronmap.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPUS,
         mem_mb=4000,
     params:
         settings=settings("ablate"),

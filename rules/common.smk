@@ -36,6 +36,12 @@ if workflow.is_main_process:
     except NeuronmapError as exc:
         raise WorkflowError(str(exc)) from None
 
+# GPUs each model-running job asks for: resources gpu=N, which SLURM turns into --gpus=N.
+try:
+    GPUS = package.gpus_per_job(config, prepared=f"{RUN}/model")
+except NeuronmapError as exc:
+    raise WorkflowError(str(exc)) from None
+
 
 def settings(command):
     """The config values `command` reads, as one JSON param: a job reruns when one changes."""
@@ -49,6 +55,10 @@ def code(command):
 
 def relation_file(wildcards):
     return package.relation_file(config, wildcards.relation)
+
+
+def relation_files(wildcards):
+    return [package.relation_file(config, name) for name in RELATIONS]
 
 
 def language_files(wildcards):

@@ -14,7 +14,7 @@ rule extract:
         "../envs/neuronmap.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPUS,
         mem_mb=4000,
     params:
         settings=settings("extract"),

@@ -105,7 +105,7 @@ rule decode:
         "../envs/neuronmap.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPUS,
         mem_mb=4000,
     params:
         settings=settings("decode"),

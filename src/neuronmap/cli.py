@@ -25,6 +25,7 @@ COMMANDS = {
     "sparsity": "stats",
     "baseline": "ablate", "ablate": "ablate", "ablation-summary": "ablate",
     "report": "report",
+    "plan": "plan",
 }
 
 

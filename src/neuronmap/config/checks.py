@@ -69,9 +69,17 @@ def check_model(config: dict, prepared: str | Path | None = None) -> None:
         check_model_files(local)
 
 
+def check_plan(config: dict, prepared: str | Path | None = None) -> None:
+    """What the model-running jobs need fits the memory the config gives them (plan/estimate.py)."""
+    from ..plan.estimate import needs_parse_time_plan, parse_time_plan
+    if needs_parse_time_plan(config):
+        parse_time_plan(config, prepared)
+
+
 def check_config(config: dict, prepared: str | Path | None = None) -> None:
     """All of the above, cheapest first. `prepared` is the run's model directory, if it exists."""
     check_keys(config)
     check_relations(config)
     check_languages(config)
     check_model(config, prepared)
+    check_plan(config, prepared)

@@ -12,7 +12,7 @@ from .fingerprint import code_fingerprint
 from .schema import validated
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
-           "shell_prefix"]
+           "shell_prefix", "gpus_per_job"]
 
 
 def settings_json(command: str, config: dict) -> str:
@@ -37,3 +37,18 @@ def shell_prefix() -> str:
     environment is activated or on PATH (on a cluster node too: the job reruns Snakemake with it)."""
     # Doubled braces: Snakemake formats the prefix like a shell command.
     return "set -euo pipefail; neuronmap() {{ " + shlex.quote(sys.executable) + ' -m neuronmap "$@"; }}; '
+
+
+def gpus_per_job(config: dict, prepared: str | None = None) -> int:
+    """GPUs a model-running job asks for (resources gpu=N): gpus_per_job, or (auto) 1 with
+    device_map single, the GPUs max_memory names, or as many as the plan needs."""
+    from ..plan.estimate import parse_time_plan
+    if config["gpus_per_job"] != "auto":
+        return int(config["gpus_per_job"])
+    if config["device_map"] == "single":
+        return 1
+    named = [key for key in config["max_memory"] if key != "cpu"]
+    if named:
+        return len(named)
+    plan = parse_time_plan(config, prepared)
+    return plan["gpus_per_job"] if plan and plan["device"] == "cuda" else 1

@@ -1,0 +1,24 @@
+# Before any model-running job: what each will need (memory per device, tokens, FLOPs, time,
+# bytes written), from the model's config and tokenizer and the run's config. Not part of `all`:
+# ask for it, e.g. snakemake results/<run>/plan.json. The same estimate refuses, while the
+# workflow is parsed, a config whose jobs do not fit the memory it gives them.
+rule plan:
+    input:
+        model=f"{RUN}/model",
+        relations=relation_files,
+    output:
+        f"{RUN}/plan.json",
+    log:
+        f"{RUN}/logs/plan.log",
+    benchmark:
+        f"{RUN}/benchmarks/plan.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        settings=settings("plan"),
+        code=code("plan"),
+    shell:
+        "neuronmap plan --settings {params.settings:q} --model-dir {input.model} "
+        "--out {output} > {log} 2>&1"

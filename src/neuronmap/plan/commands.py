@@ -1,0 +1,46 @@
+"""`neuronmap plan`: memory per device, tokens, FLOPs, time and bytes written of every
+model-running job, from the model's config and the run's config, before anything runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from .settings import PlanSettings
+
+log = logging.getLogger("neuronmap")
+
+SETTINGS = {"plan": PlanSettings}
+
+
+def cmd_plan(args) -> None:
+    """what each model-running job will need: memory per device, tokens, FLOPs, time"""
+    from ..io.parquet import atomic_path
+    from .estimate import check_fits, format_table, model_config, plan_jobs, token_lengths
+    settings = args.settings
+    trust = settings.extraction.model.trust_remote_code
+    config = model_config(settings.spec, trust, args.model_dir)
+    tokenizer = _tokenizer(args.model_dir, trust)
+    plan = plan_jobs(config, settings, token_lengths(settings, tokenizer))
+    print(format_table(plan))
+    check_fits(plan, settings)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(plan, indent=2) + "\n")
+
+
+def _tokenizer(model_dir, trust_remote_code: bool):
+    """The prepared model's tokenizer, if there is one (else lengths are estimated)."""
+    if model_dir is None:
+        return None
+    from ..model.loading import read_manifest
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    manifest = read_manifest(model_dir)
+    path = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def args_plan(p) -> None:
+    p.add_argument("--model-dir", help="directory written by prepare-model (its config and tokenizer); without "
+                                       "it, the configured model's config, and prompt lengths estimated")
+    p.add_argument("--out", required=True, help="plan.json")

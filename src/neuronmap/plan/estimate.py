@@ -1,0 +1,411 @@
+"""What a run's model-running jobs will need, before any of them runs: from the model's config
+alone (the model instantiated on the meta device: no weight read) and the run's config.
+
+Per job kind (extract, baseline, ablate, decode): the number of jobs, the weights' bytes on
+each device (as `device_map` places them), the peak memory of one job on each device (weights,
+the activations of its largest batch, and on the host the Python runtime), the forward tokens
+and FLOPs of all its jobs, the time they take at `plan.tflops`, and the bytes they write.
+
+Memory model (bytes; d = bytes per value of the model's dtype, BT = tokens of a batch):
+- extraction, per layer at once: the residual stream and attention (about 4·H·d and heads·T·d
+  per token), gate, up and act (3·I·d) and the float32 reductions over a site (4·I·4);
+- generation: the same without the reductions, for batch_size × configs_per_batch rows, plus
+  their KV cache (2·layers·kv_width·d per token) and the last position's logits;
+- perplexity: its logits, at most LOGIT_BUDGET, and one row's float32 log-softmax;
+- decoding: the unembedding (and its bfloat16 copy), one layer's vectors and a chunk's scores.
+The host adds RUNTIME (interpreter, torch, transformers, polars) and, on the CPU, what loading
+holds besides the weights. Checked against measured peaks on the CPU (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import NeuronmapError
+from ..model import dispatch
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+# The host memory of a job before its model loads: Python, torch, transformers, polars (measured
+# on the CPU: about 270 MiB after the imports, 60 more once a tokenizer and the first batch ran).
+RUNTIME = 330 * MiB
+# What a CUDA context and cuBLAS' workspace take on each GPU a job uses.
+GPU_CONTEXT = 600 * MiB
+# torch.compile of the fused statistics, in the job's own process (CPU and GPU jobs alike).
+COMPILE = 250 * MiB
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+LOGIT_BUDGET = 512 * MiB  # ablate.perplexity.LOGIT_BUDGET
+DECODE_CHUNK = 512        # stats.decode's chunk of units
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the jobs run: "cuda" (gpus GPUs each) or "cpu", in dtype."""
+    device: str
+    gpus: int
+    dtype: torch.dtype
+
+
+def target_of(settings) -> Target:
+    """The configured device (auto: CUDA when this machine has it, else the CPU; set device:
+    cuda to plan a GPU run from a login node without one) and the dtype it will load in."""
+    model = settings.extraction.model
+    device = model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if device.startswith("cuda") else "cpu" if device == "cpu" else device
+    if model.dtype != "auto":
+        dtype = getattr(torch, model.dtype)
+    else:
+        dtype = torch.bfloat16 if kind == "cuda" else torch.float16 if kind == "mps" else torch.float32
+    return Target(kind, 0 if kind != "cuda" else gpus_for(settings, None), dtype)
+
+
+def gpus_for(settings, need: int | None) -> int:
+    """gpus_per_job, or (auto) 1 with device_map single, the GPUs max_memory names, or as many
+    of plan.gpu_memory as `need` bytes fill (1 while the need is not known)."""
+    if settings.gpus_per_job != "auto":
+        return int(settings.gpus_per_job)
+    model = settings.extraction.model
+    if model.device_map == "single":
+        return 1
+    named = [key for key in model.max_memory if key != "cpu"]
+    if named:
+        return len(named)
+    return 1 if need is None else max(1, math.ceil(need / (settings.gpu_memory * GiB * 0.9)))
+
+
+def model_config(spec: str, trust_remote_code: bool, model_dir: str | Path | None = None):
+    """The transformers config of the model: from a prepared model directory when given, else from
+    the configured model (a Hugging Face directory, a cached hub id, a GGUF file's header)."""
+    from transformers import AutoConfig
+
+    from ..model.loading import read_manifest, resolve_source
+    if model_dir is not None:
+        manifest = read_manifest(model_dir)
+        path = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    kind, path = resolve_source(spec)
+    if kind == "gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates read of the model."""
+    n_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_width: int
+    vocab: int
+    parameters: int
+    layer_parameters: int  # of the decoder layers (what every token's forward multiplies)
+    widths: dict
+
+    @classmethod
+    def of(cls, model) -> Shape:
+        from ..model.architectures import MlpSites
+        sites = MlpSites(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = sites.width("down")
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(sites.n_layers, hidden, sites.width("act"), heads, kv_heads * head_dim, config.vocab_size,
+                   sum(p.numel() for p in model.parameters()),
+                   sum(p.numel() for layer in sites.layers for p in layer.parameters()),
+                   {site: sites.width(site) for site in sites.available})
+
+
+def placement(model, settings, target: Target, reserve: int) -> dict[str, object]:
+    """Module -> device of every module, as loading will place them; `reserve` bytes are left
+    free on each GPU for activations. Refuses what the memory given does not hold."""
+    model_settings = settings.extraction.model
+    if model_settings.device_map == "single":
+        return {"": 0 if target.device == "cuda" else target.device}
+    available: dict = {}
+    if target.device == "cuda":
+        for gpu in range(target.gpus):
+            limit = (dispatch.size_in_bytes(model_settings.max_memory[str(gpu)])
+                     if str(gpu) in model_settings.max_memory else int(settings.gpu_memory * GiB))
+            available[gpu] = max(0, limit - reserve - GPU_CONTEXT)
+    available["cpu"] = 2 ** 62  # unbounded unless max_memory.cpu says otherwise
+    if target.device == "cpu":
+        available["cpu"] = max(0, available["cpu"] - reserve)
+    budget = dispatch.memory_budget(model_settings.max_memory, model_settings.offload, torch.device(target.device),
+                                    available)
+    quiet = logging.getLogger("accelerate.utils.modeling")  # it warns that the planned GPUs are not here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        device_map = dispatch.place_layers(model, budget, model_settings.device_map == "balanced", target.dtype)
+    finally:
+        quiet.setLevel(level)
+    dispatch.check_offload(device_map, model_settings.offload, target.device == "cuda")
+    return device_map
+
+
+def weight_bytes(model, device_map: dict, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of weights on each device ("0", "1", ..., "cpu", "disk")."""
+    from accelerate.utils import compute_module_sizes
+    sizes = compute_module_sizes(model, dtype=dtype)
+    per_device: dict[str, int] = {}
+    for name, device in device_map.items():
+        per_device[str(device)] = per_device.get(str(device), 0) + sizes[name]
+    return per_device
+
+
+def _layer_tokens(shape: Shape, d: int, stats: bool) -> int:
+    """Bytes per token of the tensors one layer holds at its peak."""
+    per_token = 4 * shape.hidden * d + 3 * shape.intermediate * d
+    return per_token + (4 * shape.intermediate * 4 if stats else 0)
+
+
+def activation_bytes(kind: str, shape: Shape, d: int, settings, lengths: dict) -> int:
+    """Peak activation memory of one job of `kind` (its largest batch), on one device."""
+    ext, ab = settings.extraction, settings.ablation
+    if kind == "extract":
+        longest = lengths["identification_max"]
+        rows = max(1, min(ext.batch_size, ext.batch_tokens // max(longest, 1)))
+        tokens = rows * longest
+        return tokens * (_layer_tokens(shape, d, True) + shape.heads * longest * d) + rows * shape.vocab * 4
+    if kind == "decode":
+        search = shape.vocab * shape.hidden * 2 if d > 2 else 0
+        return (shape.vocab * shape.hidden * d + search + 3 * shape.intermediate * shape.hidden * d
+                + DECODE_CHUNK * shape.vocab * 4 * 2)
+    per_batch = configs_per_batch(settings, kind)
+    rows = ab.evaluation.batch_size * per_batch
+    longest = lengths["test_max"] + ab.evaluation.max_new_tokens
+    generation = (rows * longest * (_layer_tokens(shape, d, False) + shape.heads * longest * d)
+                  + 2 * shape.n_layers * rows * longest * shape.kv_width * d + rows * shape.vocab * 4 * 2)
+    if kind == "baseline":
+        return generation
+    tokens = ab.perplexity_max_tokens
+    logits = min(LOGIT_BUDGET, (1 + n_configs(settings)) * tokens * shape.vocab * 4)
+    perplexity = logits + 2 * tokens * shape.vocab * 4 + tokens * _layer_tokens(shape, d, False)
+    return max(generation, perplexity)
+
+
+def n_configs(settings) -> int:
+    ab = settings.ablation
+    return len(ab.top_k) * (1 + len(ab.seeds))
+
+
+def configs_per_batch(settings, kind: str) -> int:
+    if kind == "baseline":
+        return 1
+    setting = settings.ablation.configs_per_batch
+    if setting != "auto":
+        return int(setting)
+    return 1 if target_of(settings).device == "cpu" else 12
+
+
+def job_memory(kind: str, weights: dict[str, int], activations: int, target: Target, fused: bool) -> dict[str, int]:
+    """Peak bytes of one job on each device it uses: weights plus activations where layers run
+    (every GPU of a dispatched model holds its own layers' activations), the runtime on the host."""
+    memory: dict[str, int] = {}
+    compute = [device for device in weights if device not in ("cpu", "disk")] if target.device == "cuda" else ["cpu"]
+    for device in compute:
+        memory[device] = weights.get(device, 0) + activations + (GPU_CONTEXT if target.device == "cuda" else 0)
+    host = RUNTIME + (COMPILE if fused and kind == "extract" else 0)
+    memory["cpu"] = memory.get("cpu", 0) + weights.get("cpu", 0) * (target.device == "cuda") + host
+    if "disk" in weights:
+        memory["disk"] = weights["disk"]
+    return memory
+
+
+def forward_flops(shape: Shape, tokens: int, context: int, logits_per_token: float) -> float:
+    """2 FLOPs per multiply-add: the layers' weights, attention over `context` positions, and the
+    unembedding for `logits_per_token` of the tokens."""
+    return tokens * (2 * shape.layer_parameters + 4 * shape.n_layers * context * shape.hidden
+                     + logits_per_token * 2 * shape.hidden * shape.vocab)
+
+
+@dataclass
+class JobPlan:
+    kind: str
+    jobs: int
+    gpus_per_job: int
+    weights_bytes: dict
+    peak_bytes: dict
+    activation_bytes: int
+    forward_tokens: int
+    flops: float
+    seconds: float
+    written_bytes: int
+    notes: list = field(default_factory=list)
+
+
+def token_lengths(settings, tokenizer=None) -> dict:
+    """The prompts every job will see (built as the prepare stage builds them) and their lengths
+    in tokens: counted by the tokenizer, or estimated at 4 characters a token without one."""
+    import polars as pl
+
+    from ..prepare.prompts import relation_prompts
+    from ..prepare.relations import find_relation_file, load_relation
+    frames = [relation_prompts(load_relation(find_relation_file(settings.relations_dir, name), name),
+                               settings.prepare.prompts, settings.prepare.shards) for name in settings.relations]
+    prompts = pl.concat(frames, how="diagonal_relaxed")
+    texts = prompts["text"].to_list()
+    if tokenizer is not None:
+        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    else:
+        counts = [max(1, math.ceil(len(text) / 4)) for text in texts]
+    prompts = prompts.with_columns(tokens=pl.Series(counts))
+    ident = prompts.filter(pl.col("split") == "identification")
+    test = prompts.filter(pl.col("split") == "test")
+    return {"identification": ident.height, "identification_tokens": int(ident["tokens"].sum()),
+            "identification_max": int(ident["tokens"].max()), "test": test.height,
+            "test_tokens": int(test["tokens"].sum()), "test_max": int(test["tokens"].max()),
+            "test_by_relation": {r: int(n) for r, n in test.group_by("relation").len().iter_rows()},
+            "counted_by": "tokenizer" if tokenizer is not None else "characters / 4"}
+
+
+def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
+    """The plan: per model-running job kind, what it needs (see the module's docstring)."""
+    shape_model = dispatch.meta_model(config, settings.extraction.model.trust_remote_code)
+    shape = Shape.of(shape_model)
+    target = target_of(settings)
+    d = DTYPE_BYTES[target.dtype]
+    lengths = lengths or token_lengths(settings)
+    ext, ab = settings.extraction, settings.ablation
+    kinds = ("extract", "baseline", "ablate", "decode")
+    activations = {kind: activation_bytes(kind, shape, d, settings, lengths) for kind in kinds}
+    total_weights = sum(p.numel() for p in shape_model.parameters()) * d
+    if target.device == "cuda" and settings.gpus_per_job == "auto":
+        need = total_weights + max(activations.values())
+        target = Target(target.device, gpus_for(settings, need), target.dtype)
+    device_map = placement(shape_model, settings, target, max(activations.values()))
+    weights = weight_bytes(shape_model, device_map, target.dtype)
+
+    relations = len(settings.relations)
+    configs = n_configs(settings)
+    new = ab.evaluation.max_new_tokens
+    own_tests = sum(lengths["test_by_relation"].values()) / max(relations, 1)
+    mean_test = lengths["test_tokens"] / max(lengths["test"], 1)
+    random_per_config = own_tests if ab.random_eval == "own" else lengths["test"]
+    top_k_configs = len(ab.top_k)
+    evaluated = top_k_configs * lengths["test"] + (configs - top_k_configs) * random_per_config
+    work = {
+        # (jobs, forward tokens, mean context, logits per token, bytes written)
+        "extract": (relations * settings.prepare.shards, lengths["identification_tokens"],
+                    lengths["identification_tokens"] / max(lengths["identification"], 1), 0.0,
+                    lengths["identification"] * len(ext.poolings) * shape.n_layers
+                    * sum(shape.widths[s] for s in ext.sites if s in shape.widths)
+                    * (2 if ext.response_dtype == "float16" else 4)),
+        "baseline": (1, int(lengths["test"] * (mean_test + new)), mean_test + new / 2, new / (mean_test + new),
+                     lengths["test"] * 200),
+        "ablate": (relations, int(relations * (evaluated * (mean_test + new) + (1 + configs) * ab.perplexity_max_tokens)),
+                   mean_test + new / 2, 0.5, relations * (evaluated + lengths["test"]) * 200),
+        "decode": (1, 0, 0, 0.0, 0),
+    }
+    jobs = []
+    for kind in kinds:
+        count, tokens, context, logits, written = work[kind]
+        if kind == "decode":
+            units = shape.n_layers * shape.intermediate * len(settings.decode_sites) * len(settings.norm_gain)
+            flops = 2.0 * units * shape.hidden * shape.vocab
+            written = units * (8 + 12 * 10)
+        else:
+            flops = forward_flops(shape, tokens, int(context), logits)
+        memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics)
+        jobs.append(JobPlan(kind, count, target.gpus, weights, memory, activations[kind], tokens, flops,
+                            flops / (settings.tflops * 1e12), int(written)))
+    return {"model_type": config.model_type, "device": target.device, "dtype": str(target.dtype).replace("torch.", ""),
+            "gpus_per_job": target.gpus, "device_map": settings.extraction.model.device_map,
+            "parameters": shape.parameters, "n_layers": shape.n_layers, "hidden": shape.hidden,
+            "intermediate": shape.intermediate, "vocab": shape.vocab, "tflops": settings.tflops,
+            "prompts": {key: value for key, value in lengths.items() if key != "test_by_relation"},
+            "placement": {name: str(device) for name, device in device_map.items()},
+            "jobs": [asdict(job) for job in jobs]}
+
+
+def check_fits(plan: dict, settings) -> None:
+    """Refuse a plan whose peak on a GPU exceeds the memory it has (max_memory or plan.gpu_memory)."""
+    if plan["device"] != "cuda":
+        return
+    model = settings.extraction.model
+    for job in plan["jobs"]:
+        for device, need in job["peak_bytes"].items():
+            if device in ("cpu", "disk"):
+                continue
+            limit = (dispatch.size_in_bytes(model.max_memory[device]) if device in model.max_memory
+                     else settings.gpu_memory * GiB)
+            if need > limit:
+                key = f"max_memory.{device}" if device in model.max_memory else "plan.gpu_memory"
+                raise NeuronmapError(
+                    f"{key}: the {job['kind']} job needs {need / GiB:.1f} GiB on GPU {device} (weights "
+                    f"{job['weights_bytes'].get(device, 0) / GiB:.1f} GiB, activations {job['activation_bytes'] / GiB:.1f}"
+                    f" GiB) but has {limit / GiB:.1f} GiB: set device_map: auto with more GPUs (gpus_per_job), "
+                    "lower batch_tokens or batch_size, or allow offload")
+
+
+def format_table(plan: dict) -> str:
+    """The plan as a text table, one row per job kind."""
+    def size(n):
+        return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / MiB:.0f} MiB"
+    header = (f"{plan['model_type']}: {plan['parameters'] / 1e9:.3g}B parameters, {plan['n_layers']} layers, on "
+              f"{plan['device']} in {plan['dtype']} (device_map {plan['device_map']}, {plan['gpus_per_job']} GPU(s) "
+              f"per job), at {plan['tflops']} TFLOP/s")
+    rows = [("job", "jobs", "peak per job (device: bytes)", "activations", "forward tokens", "TFLOP", "time",
+             "written")]
+    for job in plan["jobs"]:
+        peaks = ", ".join(f"{device}: {size(n)}" for device, n in sorted(job["peak_bytes"].items()))
+        rows.append((job["kind"], str(job["jobs"]), peaks, size(job["activation_bytes"]), f"{job['forward_tokens']:,}",
+                     f"{job['flops'] / 1e12:,.1f}", _duration(job["seconds"]), size(job["written_bytes"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([header, *lines])
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def parse_time_plan(config: dict, prepared: str | Path | None = None) -> dict | None:
+    """The plan the workflow checks while it is parsed, from the model's config.json (a local
+    Hugging Face directory, or the run's prepared model directory) and prompt lengths estimated
+    from their characters; None where no config.json is at hand (an unprepared GGUF file or hub
+    id: then the plan rule's own check, before any model-running job, refuses instead)."""
+    from ..model.loading import MANIFEST
+    for candidate in (Path(config["model"]).expanduser(), Path(prepared) if prepared else None):
+        if candidate is None or not (candidate / "config.json").is_file():
+            continue
+        if candidate != Path(config["model"]).expanduser():
+            manifest = candidate / MANIFEST
+            if not manifest.is_file() or json.loads(manifest.read_text()).get("source") != config["model"]:
+                continue
+        return _cached_plan(json.dumps(config, sort_keys=True), str(candidate))
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plan(config_json: str, model_dir: str) -> dict:
+    from transformers import AutoConfig
+
+    from .settings import PlanSettings
+    config = json.loads(config_json)
+    settings = PlanSettings.from_config(config)
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config["trust_remote_code"],
+                                              local_files_only=True)
+    plan = plan_jobs(model_config, settings)
+    check_fits(plan, settings)
+    return plan
+
+
+def needs_parse_time_plan(config: dict) -> bool:
+    """Whether the plan can refuse or size anything: a dispatched model, a GPU, or GPUs to derive."""
+    return config["device_map"] != "single" or config["device"].startswith("cuda")
