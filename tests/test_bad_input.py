@@ -122,6 +122,12 @@ PARSE_TIME = [
                                                    auto_map={"AutoModelForCausalLM": "modeling.MyLlama"}),
      "asks for remote code (auto_map: AutoModelForCausalLM) to run model type 'my_llama', and trust_remote_code "
      "is false"),
+    # Llama-2-7B's shape in bfloat16 needs 13.3 GiB on one GPU for an extraction job.
+    ("model-larger-than-the-gpu", lambda tmp: {**llama_dir(tmp, hidden_size=4096, intermediate_size=11008,
+                                                           num_hidden_layers=32, num_attention_heads=32,
+                                                           vocab_size=32000),
+                                               "device": "cuda", "plan": {"gpu_memory": 10}},
+     "plan.gpu_memory: the extract job needs 13.3 GiB on GPU 0"),
     # The down site of SmolLM2-135M has 30 layers x 576 units = 17280 units.
     ("top-k-over-units", lambda tmp: {"sites": ["down"], "top_k": [20000]},
      "top_k: 20000 is more than the 17280 units of sites ['down'] in llama (30 layers)"),
