@@ -6,6 +6,7 @@ rule baseline:
     output:
         source=f"{RUN}/evaluation/baseline.parquet",
         languages=f"{RUN}/evaluation/baseline.languages.parquet",
+        cost=f"{RUN}/cost/baseline.parquet",
     log:
         f"{RUN}/logs/baseline.log",
     benchmark:
@@ -22,7 +23,8 @@ rule baseline:
     shell:
         "neuronmap baseline --settings {params.settings:q} --model-dir {input.model} "
         "--prompts {input.prompts} --language-prompts {input.language_prompts} "
-        "--threads {threads} --out {output.source} --out-languages {output.languages} 2> {log}"
+        "--threads {threads} --out {output.source} --out-languages {output.languages} "
+        "--out-cost {output.cost} 2> {log}"
 
 
 # One job per relation: every configuration of its sweep (each k; top-k and random controls)
@@ -39,6 +41,7 @@ rule ablate:
         predictions=f"{RUN}/ablation/{{relation}}.predictions.parquet",
         language_predictions=f"{RUN}/ablation/{{relation}}.languages.parquet",
         perplexity=f"{RUN}/ablation/{{relation}}.perplexity.parquet",
+        cost=f"{RUN}/cost/ablate/{{relation}}.parquet",
     log:
         f"{RUN}/logs/ablate/{{relation}}.log",
     benchmark:
@@ -59,7 +62,7 @@ rule ablate:
         "--neutral-text {input.text:q} --threads {threads} "
         "--out-predictions {output.predictions} "
         "--out-language-predictions {output.language_predictions} "
-        "--out-perplexity {output.perplexity} 2> {log}"
+        "--out-perplexity {output.perplexity} --out-cost {output.cost} 2> {log}"
 
 
 rule ablation_summary:

@@ -78,6 +78,19 @@ def shard_outputs(suffix):
     )
 
 
+def model_job_costs():
+    """The cost file of every model-running job."""
+    return (
+        shard_outputs_of(f"{RUN}/cost/extract/{{relation}}-{{shard}}.parquet")
+        + [f"{RUN}/cost/baseline.parquet"]
+        + per_relation(f"{RUN}/cost/ablate/{{relation}}.parquet")
+    )
+
+
+def shard_outputs_of(pattern):
+    return expand(pattern, relation=RELATIONS, shard=SHARDS)
+
+
 def all_outputs():
     """The report, which reads every other analysis, and the tables it does not show."""
     return [

@@ -6,6 +6,7 @@ rule extract:
         responses=f"{RUN}/responses/{{relation}}/shard-{{shard}}.parquet",
         stats=f"{RUN}/responses/{{relation}}/shard-{{shard}}.stats.parquet",
         top=f"{RUN}/responses/{{relation}}/shard-{{shard}}.top.parquet",
+        cost=f"{RUN}/cost/extract/{{relation}}-{{shard}}.parquet",
     log:
         f"{RUN}/logs/extract/{{relation}}-{{shard}}.log",
     benchmark:
@@ -23,7 +24,7 @@ rule extract:
         "neuronmap extract --settings {params.settings:q} --model-dir {input.model} "
         "--prompts {input.prompts} --relation {wildcards.relation} --shard {wildcards.shard} "
         "--threads {threads} --out {output.responses} --out-stats {output.stats} "
-        "--out-top {output.top} 2> {log}"
+        "--out-top {output.top} --out-cost {output.cost} 2> {log}"
 
 
 rule neuron_stats:
@@ -47,3 +48,28 @@ rule neuron_stats:
     shell:
         "neuronmap neuron-stats --settings {params.settings:q} --stats {input.stats} "
         "--top {input.top} --out {output.stats} --out-top {output.top} 2> {log}"
+
+
+# A bare forward pass over a sample of the prompts: the rate cost.parquet compares stages with.
+rule calibrate:
+    input:
+        prompts=f"{RUN}/prompts.parquet",
+        model=f"{RUN}/model",
+    output:
+        f"{RUN}/cost/calibrate.parquet",
+    log:
+        f"{RUN}/logs/calibrate.log",
+    benchmark:
+        f"{RUN}/benchmarks/calibrate.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    params:
+        settings=settings("calibrate"),
+        code=code("calibrate"),
+    shell:
+        "neuronmap calibrate --settings {params.settings:q} --model-dir {input.model} "
+        "--prompts {input.prompts} --threads {threads} --out {output} 2> {log}"

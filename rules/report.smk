@@ -1,3 +1,25 @@
+# What the run cost, stage by stage, against the calibration job's bare forward pass.
+rule cost:
+    input:
+        jobs=model_job_costs(),
+        calibration=f"{RUN}/cost/calibrate.parquet",
+    output:
+        f"{RUN}/cost.parquet",
+    log:
+        f"{RUN}/logs/cost.log",
+    benchmark:
+        f"{RUN}/benchmarks/cost.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=1000,
+    params:
+        code=code("cost"),
+    shell:
+        "neuronmap cost --jobs {input.jobs} --calibration {input.calibration} "
+        "--out {output} 2> {log}"
+
+
 rule report:
     input:
         prompts=f"{RUN}/prompts.parquet",
@@ -14,6 +36,7 @@ rule report:
         perplexity=f"{RUN}/perplexity.parquet",
         sparsity=f"{RUN}/sparsity.parquet",
         languages=f"{RUN}/languages.parquet",
+        cost=f"{RUN}/cost.parquet",
         assets=REPORT_ASSETS,
     output:
         html=report(
@@ -44,5 +67,5 @@ rule report:
         "--significance {input.significance} --sweep {input.sweep} "
         "--neuron-stats {input.neuron_stats} --top-activations {input.top_activations} "
         "--decoded {input.decoded} --perplexity {input.perplexity} "
-        "--sparsity {input.sparsity} --languages {input.languages} "
+        "--sparsity {input.sparsity} --languages {input.languages} --cost {input.cost} "
         "--out {output.html} --figures-dir {output.figures} 2> {log}"

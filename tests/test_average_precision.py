@@ -59,3 +59,30 @@ def test_shared_sort_with_excluded_prompts_matches_sklearn_per_relation():
         rows = included[:, r]
         reference = [average_precision_score(positive[rows, r], scores[rows, u]) for u in range(units)]
         np.testing.assert_allclose(ours[r], reference, atol=1e-7)
+
+
+def test_separation_is_the_standardized_difference_of_means():
+    from neuronmap.stats.expertise import separation
+    rng = np.random.default_rng(3)
+    on, off = rng.normal(1.0, 2.0, (30, 5)), rng.normal(0.0, 1.0, (70, 5))
+    expected = (on.mean(0) - off.mean(0)) / np.sqrt((on.var(0) + off.var(0)) / 2)
+    np.testing.assert_allclose(separation(torch.from_numpy(on), torch.from_numpy(off)).numpy(), expected)
+    constant = separation(torch.ones(4, 2), torch.tensor([[0.0, 1.0]] * 3))
+    assert constant.tolist() == [float("inf"), 0.0]
+
+
+def test_ranks_follow_ap_then_separation_then_position():
+    import polars as pl
+    from neuronmap.stats.expertise import rank_units, top_ties
+    scores = pl.DataFrame({
+        "site": ["up", "gate", "gate", "act", "act", "down"], "layer": [0, 1, 1, 2, 0, 0],
+        "unit": [0, 5, 4, 1, 1, 9], "ap": [1.0, 1.0, 0.5, 1.0, 1.0, 0.9],
+        "separation": [2.0, 3.0, 9.0, 2.0, 2.0, 1.0], "on_p50": [0.0] * 6, "on_p90": [0.0] * 6, "off_mean": [0.0] * 6},
+        schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "on_p50": pl.Float32, "on_p90": pl.Float32,
+                          "off_mean": pl.Float32})
+    ranked = rank_units(scores)
+    assert ranked.select("site", "layer", "unit").rows() == [
+        ("gate", 1, 5), ("act", 0, 1), ("act", 2, 1), ("up", 0, 0), ("down", 0, 9), ("gate", 1, 4)]
+    assert ranked["rank"].to_list() == list(range(1, 7))
+    assert rank_units(scores.reverse()).equals(ranked)  # the input's order plays no part
+    assert top_ties(ranked) == {"at_top_ap": 4, "unresolved": 3}

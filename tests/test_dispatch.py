@@ -28,6 +28,9 @@ from neuronmap.stats.decode import decode_neurons
 TEXTS = ["The capital of France is", "go went", "Hello there, general", "x", "a b c d e f g h i j",
          "Orion, the hunter, is up"]
 IDS = [f"p{i}" for i in range(len(TEXTS))]
+# Every other prompt starts with shared demonstrations: the cached-prefix path runs on the dispatched model too.
+PREFIXES = ["go went\nsee saw\n" if i % 2 else "" for i in range(len(TEXTS))]
+PROMPTS = [prefix + text for prefix, text in zip(PREFIXES, TEXTS)]
 
 
 def char_tokenizer(path):
@@ -100,7 +103,7 @@ def extract(model, tokenizer, tmp_path, name, fused):
     settings = ExtractionSettings.defaults(sites=MlpSites(model).available, batch_size=3, batch_tokens=60, top_n=2,
                                            active_threshold=0.1, fused_statistics=fused, response_dtype="float32")
     outputs = ExtractionOutputs(*(tmp_path / f"{name}.{kind}.parquet" for kind in ("responses", "stats", "top")))
-    Extraction(model, tokenizer, IDS, TEXTS, settings).run(outputs)
+    Extraction(model, tokenizer, IDS, PROMPTS, settings, PREFIXES).run(outputs)
     return [read_table(path) for path in (outputs.responses, outputs.stats, outputs.top)]
 
 
@@ -136,8 +139,9 @@ def configs(model):
 def test_ablation_answers_and_perplexity_are_those_of_the_whole_model(models):
     (model, tokenizer), (dispatched, _) = models
     settings = EvaluationSettings.defaults(max_new_tokens=4, batch_size=4)
-    expected = generate_sweep(model, tokenizer, TEXTS, configs(model), settings, configs_per_batch=3)
-    assert generate_sweep(dispatched, tokenizer, TEXTS, configs(model), settings, configs_per_batch=3) == expected
+    expected = generate_sweep(model, tokenizer, PREFIXES, PROMPTS, configs(model), settings, configs_per_batch=3)
+    assert generate_sweep(dispatched, tokenizer, PREFIXES, PROMPTS, configs(model), settings,
+                          configs_per_batch=3) == expected
     assert len({tuple(answers) for answers in expected}) > 1  # the deactivations change answers
     ids = tokenizer(" ".join(TEXTS), return_tensors="pt")["input_ids"][:, :60]  # within n_positions
     assert mean_nll(dispatched, ids, configs(model)) == pytest.approx(mean_nll(model, ids, configs(model)), rel=1e-5)

@@ -40,13 +40,39 @@ def test_demonstrations_come_from_identification_never_the_asked_fact():
     relation = load("country_capital_city")
     prompts = build_prompts([relation], PromptSettings.defaults(few_shot=3, test_facts=8, seed=0))
     identification_subjects = set(prompts.filter(pl.col("split") == "identification")["subject"])
-    template = relation.templates[0]
     for row in prompts.iter_rows(named=True):
+        template = relation.templates[row["template"]]
         lines = row["text"].split("\n")
-        assert len(lines) == 4 and lines[-1] == template.format(row["subject"])
+        assert len(lines) == 4 and lines[-1] == template.format(row["subject"]) == row["query"]
+        assert row["text"] == row["prefix"] + row["query"]
         demo_subjects = {s for s in identification_subjects for line in lines[:-1]
                          if line.startswith(template.format(s) + " ")}
         assert len(demo_subjects) == 3 and row["subject"] not in demo_subjects
+
+
+def test_prompts_share_a_few_demonstration_sets():
+    relation = load("verb_past_tense")
+    settings = PromptSettings.defaults(few_shot=3, few_shot_sets=4, test_facts=20, seed=0)
+    prompts = build_prompts([relation], settings)
+    for template, group in prompts.group_by("template"):
+        # One prefix per demonstration set and template: what the model stages forward once.
+        assert group["prefix"].n_unique() == group["demo_set"].n_unique() <= 4
+        assert set(group["demo_set"]) <= {0, 1, 2, 3}
+
+
+def test_identification_uses_every_template_and_test_the_first():
+    relation = load("country_capital_city")
+    assert len(relation.templates) == 2
+    prompts = build_prompts([relation], PromptSettings.defaults(test_facts=12))
+    identification = prompts.filter(pl.col("split") == "identification")
+    test = prompts.filter(pl.col("split") == "test")
+    assert sorted(identification["template"].unique()) == [0, 1]
+    assert identification.height == 2 * identification["subject"].n_unique()
+    assert test["template"].unique().to_list() == [0]
+    assert not set(identification["subject"]) & set(test["subject"])
+    chosen = build_prompts([relation], PromptSettings.defaults(test_facts=12, templates=[1], test_templates=(0, 1)))
+    assert chosen.filter(pl.col("split") == "identification")["template"].unique().to_list() == [1]
+    assert chosen.filter(pl.col("split") == "test").height == 2 * test.height
 
 
 def test_shards_cover_identification_prompts_only():

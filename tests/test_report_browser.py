@@ -85,6 +85,12 @@ def test_report_of_the_e2e_run_in_chromium(e2e_run, chromium):
 
         assert {figure["name"] for figure in data["figures"]} == FIGURES
 
+        # The findings are stated in sentences, one per property and scope, with a verdict each.
+        findings = page.eval_on_selector_all("ul.findings li", "items => items.map(i => i.innerText)")
+        properties = {text.split(" (")[0] for text in findings}
+        assert {"cumulativity", "versatility", "interference", "cross-language transfer"} <= properties
+        assert all(page.locator("ul.findings li").nth(i).is_visible() for i in range(len(findings)))
+
         # The atlas holds exactly the union of every relation's top units.
         atlas = data["atlas"]
         assert atlas["units_per_relation"] == schema_default("atlas_units_per_relation")

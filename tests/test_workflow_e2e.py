@@ -25,7 +25,7 @@ def run(e2e_run):
 def test_report_is_written_and_self_contained(run):
     # Static checks only; tests/test_report_browser.py opens it in Chromium.
     page = (run / "report.html").read_text()
-    for heading in ("Recall per relation", "Ablated × evaluated", "Units shared", "Where the selected units sit",
+    for heading in ("Findings", "Recall per relation", "Ablated × evaluated", "Units shared", "Where the selected units sit",
                     "Neuron atlas"):
         assert heading in page
     assert "<script src" not in page and "<link" not in page and "@import" not in page
@@ -114,6 +114,13 @@ def analysis_files(run):
     yield run / "decoded.parquet", tables.DECODED
     yield run / "sparsity.parquet", tables.SPARSITY
     yield run / "dead_units.parquet", tables.DEAD_UNITS
+    for relation in RELATIONS:
+        for shard in (0, 1):
+            yield run / "cost" / "extract" / f"{relation}-{shard}.parquet", tables.JOB_COST
+        yield run / "cost" / "ablate" / f"{relation}.parquet", tables.JOB_COST
+    yield run / "cost" / "baseline.parquet", tables.JOB_COST
+    yield run / "cost" / "calibrate.parquet", tables.JOB_COST
+    yield run / "cost.parquet", tables.COST
 
 
 def test_significance_pairs_every_configuration_with_the_baseline(run):
@@ -189,3 +196,69 @@ def test_sparsity_summarizes_neuron_stats(run):
     assert row["dead"] == (gate["frac_positive"] == 0).sum()
     dead = pl.read_parquet(run / "dead_units.parquet")
     assert dead.height == stats.filter((pl.col("frac_positive") == 0) | (pl.col("frac_active") == 0)).height
+
+
+def test_ranks_follow_ap_then_separation(run):
+    expertise = pl.read_parquet(run / "expertise" / "country_capital_city.parquet")
+    order = expertise.sort(["ap", "separation", "site", "layer", "unit"],
+                           descending=[True, True, False, False, False])
+    assert order["rank"].to_list() == list(range(1, expertise.height + 1))
+    top = expertise.filter(pl.col("ap") == expertise["ap"].max())
+    # Separation resolves the ties at the top: no rank there falls to the unit's position.
+    assert top["separation"].n_unique() == top.height
+
+
+def test_cost_counts_what_the_jobs_forwarded(run):
+    cost = pl.read_parquet(run / "cost.parquet")
+    assert set(cost["stage"]) == {"extract", "baseline", "ablate"}
+    extract = cost.filter(pl.col("stage") == "extract").row(0, named=True)
+    prompts = pl.read_parquet(run / "prompts.parquet")
+    identification = prompts.filter(pl.col("split") == "identification")
+    assert extract["jobs"] == 4 and extract["prompts"] == identification.height
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    from neuronmap.model.prefix_cache import split_prompts
+    whole = sum(len(ids) for ids in tokenizer(identification["text"].to_list())["input_ids"])
+    # Each shard forwards its distinct prefixes once and every query (plus padding): fewer positions
+    # than the whole prompts.
+    once = 0
+    for _, shard in identification.group_by("relation", "shard"):
+        split = split_prompts(tokenizer, shard["prefix"].to_list(), shard["text"].to_list())
+        once += sum(map(len, split.prefixes)) + sum(map(len, split.queries))
+    assert once <= extract["tokens"] < whole
+    jobs = pl.read_parquet(run / "cost" / "calibrate.parquet").row(0, named=True)
+    assert extract["bare_tokens_per_s"] == pytest.approx(jobs["tokens"] / jobs["seconds"])
+    assert extract["ratio_to_bare"] == pytest.approx(jobs["tokens"] / jobs["seconds"] / extract["tokens_per_s"])
+
+
+def excess_by_hand(cells: pl.DataFrame, k: int) -> float:
+    """Random-k mean accuracy minus top-k accuracy, pooled over relations weighted by prompts."""
+    total, weight = 0.0, 0
+    for relation in sorted(set(cells["eval_relation"])):
+        mine = cells.filter((pl.col("eval_relation") == relation) & (pl.col("k") == k))
+        top = mine.filter(pl.col("control") == "top_k")
+        random = mine.filter(pl.col("control") == "random")["accuracy"].to_list()
+        n = top["n"].item()
+        total += n * (sum(random) / len(random) - top["accuracy"].item())
+        weight += n
+    return total / weight
+
+
+def test_findings_state_the_numbers_of_the_parquet_files(run):
+    import re
+    page = (run / "report.html").read_text()
+    items = {(p, s): text for p, s, text in
+             re.findall(r'<li data-property="([^"]*)" data-scope="([^"]*)">(.*?)</li>', page)}
+    significance = pl.read_parquet(run / "significance.parquet")
+    own = significance.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
+    for k in (20, 200):
+        sentence = items[("cumulativity", f"k={k}")]
+        assert f"excess drop {100 * excess_by_hand(own, k):+.1f} points" in sentence, sentence
+        assert re.search(r"\((holds|reversed|undecided)\)", sentence)
+    languages = pl.read_parquet(run / "languages.parquet")
+    french = languages.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
+    assert f"excess drop {100 * excess_by_hand(french, 200):+.1f} points" in items[("cross-language transfer", "fr k=200")]
+    overlap = pl.read_parquet(run / "overlap.parquet").filter(
+        (pl.col("relation_a") < pl.col("relation_b")) & (pl.col("k") == 200))
+    units = pl.read_parquet(run / "expertise" / "verb_past_tense.parquet").height
+    assert f"share {overlap['shared'].sum()} units where {200 * 200 / units:.1f} are expected" in page

@@ -20,11 +20,11 @@ log = logging.getLogger("neuronmap")
 # command -> the stage subpackage that holds it (and the rules file that calls it)
 COMMANDS = {
     "prepare-model": "prepare", "prepare": "prepare", "merge-prompts": "prepare", "prepare-languages": "prepare",
-    "extract": "extract", "neuron-stats": "extract",
+    "extract": "extract", "neuron-stats": "extract", "calibrate": "extract",
     "stats-block": "stats", "stats": "stats", "overlap": "stats", "shared-units": "stats", "decode": "stats",
     "sparsity": "stats",
     "baseline": "ablate", "ablate": "ablate", "ablation-summary": "ablate",
-    "report": "report",
+    "report": "report", "cost": "report",
     "plan": "plan",
 }
 

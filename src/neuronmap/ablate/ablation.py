@@ -156,7 +156,8 @@ def evaluate(model, tokenizer, test_prompts: pl.DataFrame, ablation: Ablation,
     """Per-prompt predictions under one ablation, one configuration at a time (the unbatched
     reference that bench/ablate.py compares the sweep with)."""
     with deactivated(MlpSites(model), ablation.units, value):
-        generated = generate(model, tokenizer, test_prompts["text"].to_list(), settings, desc=ablation.describe())
+        generated = generate(model, tokenizer, test_prompts["prefix"].to_list(), test_prompts["text"].to_list(),
+                             settings, desc=ablation.describe())
     frame = prediction_frame(ablation, test_prompts, generated, settings)
     log.info("%s: accuracy %.3f over %d prompts", ablation.describe(), frame["correct"].mean(), frame.height)
     return frame
@@ -168,7 +169,8 @@ def evaluate_sweep(model, tokenizer, prompts: pl.DataFrame, ablations: Sequence[
     """Per-prompt predictions under every ablation, evaluated together (see generate_sweep)."""
     if len(ablations) != len(configs):
         raise ValueError("evaluate_sweep: one deactivation configuration per ablation")
-    generated = generate_sweep(model, tokenizer, prompts["text"].to_list(), configs, settings, configs_per_batch,
+    generated = generate_sweep(model, tokenizer, prompts["prefix"].to_list(), prompts["text"].to_list(), configs,
+                               settings, configs_per_batch,
                                desc=f"sweep of {len(configs)} configurations")
     frames = [prediction_frame(a, prompts, g, settings) for a, g in zip(ablations, generated)]
     for ablation, frame in zip(ablations, frames):

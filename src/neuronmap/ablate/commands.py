@@ -34,15 +34,18 @@ def cmd_baseline(args) -> None:
     """factual recall of the unmodified model on the test prompts"""
     from ..io import tables
     from ..io.parquet import write_table
+    from ..model.cost import counting_forwards, job_cost
     from ..model.deactivation import Deactivation
     from ..model.loading import load_for_job
     from .ablation import BASELINE, evaluate_sweep
     settings = args.settings
     prompts = _evaluation_prompts(args.prompts, args.language_prompts, settings.source_language)
     model, tokenizer = load_for_job(args.model_dir, settings.model, args.threads)
-    predictions = evaluate_sweep(model, tokenizer, prompts, [BASELINE], [Deactivation.constant({})],
-                                 settings.evaluation, configs_per_batch=1)
+    with counting_forwards(model) as count:
+        predictions = evaluate_sweep(model, tokenizer, prompts, [BASELINE], [Deactivation.constant({})],
+                                     settings.evaluation, configs_per_batch=1)
     source, translated = _split_languages(predictions, settings.source_language)
+    write_table(job_cost("baseline", "baseline", prompts.height, count), args.out_cost, tables.JOB_COST)
     write_table(translated, args.out_languages, tables.LANGUAGE_PREDICTIONS)
     write_table(source, args.out, tables.PREDICTIONS)
 
@@ -52,6 +55,7 @@ def _evaluation_args(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--prompts", required=True)
     p.add_argument("--language-prompts", required=True, help="translated test prompts (prepare-languages)")
+    p.add_argument("--out-cost", required=True, help="tokens forwarded and seconds taken (cost.parquet's input)")
 
 
 def args_baseline(p) -> None:
@@ -77,6 +81,7 @@ def cmd_ablate(args) -> None:
         evaluate_plan,
         off_means,
     )
+    from ..model.cost import counting_forwards, job_cost
     from .perplexity import mean_nll, perplexity_frame, read_text
     settings = args.settings
     selected = read_table(args.units)
@@ -93,16 +98,18 @@ def cmd_ablate(args) -> None:
     configs = [deactivation_for(a, value, negative_means) for a in plan]
     per_batch = configs_per_batch_for(settings.configs_per_batch, input_device(model))
     log.info("%d ablation configurations per forward batch", per_batch)
-    predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings.evaluation, per_batch,
-                                settings.random_eval)
+    with counting_forwards(model) as count:
+        predictions = evaluate_plan(model, tokenizer, prompts, plan, configs, settings.evaluation, per_batch,
+                                    settings.random_eval)
+        text = read_text(args.neutral_text, tokenizer, settings.perplexity_max_tokens)
+        nll = mean_nll(model, text, [Deactivation.constant({})] + configs)
     source, translated = _split_languages(predictions, settings.source_language)
-
-    text = read_text(args.neutral_text, tokenizer, settings.perplexity_max_tokens)
-    perplexity = perplexity_frame([BASELINE] + plan, mean_nll(model, text, [Deactivation.constant({})] + configs),
-                                  tokens=text.shape[1] - 1)
+    perplexity = perplexity_frame([BASELINE] + plan, nll, tokens=text.shape[1] - 1)
     log.info("perplexity of %s (%d tokens): baseline %.3f; under ablation %s", args.neutral_text, text.shape[1],
              perplexity["perplexity"][0], perplexity["perplexity"][1:].round(3).to_list())
 
+    # Prompts: each configuration's evaluated prompts (the sweep's predictions).
+    write_table(job_cost("ablate", args.relation, predictions.height, count), args.out_cost, tables.JOB_COST)
     write_table(translated, args.out_language_predictions, tables.LANGUAGE_PREDICTIONS)
     write_table(perplexity, args.out_perplexity, tables.PERPLEXITY)
     write_table(source, args.out_predictions, tables.PREDICTIONS)

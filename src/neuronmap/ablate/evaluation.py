@@ -2,8 +2,9 @@
 
 `generate` runs one configuration (whatever hooks are installed) over the prompts;
 `generate_sweep` runs many deactivation configurations at once: each forward batch is one
-length-sorted batch of prompts, tokenized once and repeated for a group of configurations, with
-a per-row unit mask deciding which units each row has switched off.
+length-sorted batch of queries, repeated for a group of configurations, with a per-row unit
+mask deciding which units each row has switched off. Both forward each shared prefix of
+demonstrations once per configuration group and reuse its key/value cache (prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import torch
 from tqdm import tqdm
 
 from ..model.architectures import MlpSites
-from ..model.batching import encode, length_sorted_batches
-from ..model.dispatch import input_device
+from ..model.batching import length_sorted_batches
 from ..model.deactivation import Deactivation, RowDeactivation
+from ..model.dispatch import input_device
+from ..model.prefix_cache import (SharedPrefixes, forward_prefixes, positions_of, returned_cache,
+                                  split_prompts, with_cache)
 from .settings import EvaluationSettings
 
 
@@ -40,54 +43,97 @@ def is_correct(generated: str, objects: Sequence[str], match: str = "prefix", ca
     return False
 
 
-def generate(model, tokenizer, texts: Sequence[str], settings: EvaluationSettings, desc: str = "generate") -> list[str]:
-    """Greedy continuations of every text (only the new tokens), batched by length."""
-    device = input_device(model)
-    lengths = [len(x) for x in tokenizer(list(texts))["input_ids"]]
-    outputs: list[str | None] = [None] * len(texts)
-    batches = list(length_sorted_batches(lengths, settings.batch_size))
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=desc, unit="batch", mininterval=2):
-            encoded = encode(tokenizer, [texts[i] for i in batch], device, padding_side="left")
-            for i, text in zip(batch, _greedy(model, tokenizer, encoded, settings)):
-                outputs[i] = text
-    return outputs
+def generate(model, tokenizer, prefixes: Sequence[str], texts: Sequence[str], settings: EvaluationSettings,
+             desc: str = "generate") -> list[str]:
+    """Greedy continuations of every text (only the new tokens) under whatever hooks are installed."""
+    return generate_sweep(model, tokenizer, prefixes, texts, [Deactivation.constant({})], settings, 1, desc)[0]
 
 
-def _greedy(model, tokenizer, encoded: dict[str, torch.Tensor], settings: EvaluationSettings) -> list[str]:
-    generated = model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-    return tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def generate_sweep(model, tokenizer, texts: Sequence[str], configs: Sequence[Deactivation],
+def generate_sweep(model, tokenizer, prefixes: Sequence[str], texts: Sequence[str], configs: Sequence[Deactivation],
                    settings: EvaluationSettings, configs_per_batch: int, desc: str = "sweep") -> list[list[str]]:
     """Greedy continuations of every text under every configuration: result[config][text].
 
-    Each batch of `settings.batch_size` prompts (the same batches `generate` makes) is tokenized
-    once and repeated for up to `configs_per_batch` configurations, so a forward pass holds
-    batch_size x configs_per_batch rows and the model is loaded once for the whole sweep.
+    For each group of up to `configs_per_batch` configurations, every distinct prefix (the
+    demonstrations) is forwarded once per configuration (deactivation applies to it as to
+    everything else) and its key/value cache serves every batch of queries. A forward batch
+    holds up to `settings.batch_size` queries repeated for each configuration of the group,
+    configuration-major, whatever prefixes they follow.
     """
     if configs_per_batch < 1:
         raise ValueError("configs_per_batch must be at least 1")
-    device = input_device(model)
-    lengths = [len(x) for x in tokenizer(list(texts))["input_ids"]]
+    prompts = split_prompts(tokenizer, prefixes, texts)
     outputs: list[list[str | None]] = [[None] * len(texts) for _ in configs]
-    batches = list(length_sorted_batches(lengths, settings.batch_size))
-    groups = [list(range(start, min(len(configs), start + configs_per_batch)))
-              for start in range(0, len(configs), configs_per_batch)]
-    masks = RowDeactivation(MlpSites(model), configs, device)
-    with masks.installed(), torch.inference_mode(), \
-            tqdm(total=len(batches) * len(groups), desc=desc, unit="batch", mininterval=2) as progress:
-        for batch in batches:
-            encoded = encode(tokenizer, [texts[i] for i in batch], device, padding_side="left")
-            for group in groups:
-                # Rows are configuration-major: row j * len(batch) + i is prompt batch[i] under group[j].
-                masks.set_rows(torch.tensor(group).repeat_interleave(len(batch)))
-                repeated = {key: value.repeat(len(group), 1) for key, value in encoded.items()}
-                answers = _greedy(model, tokenizer, repeated, settings)
-                for j, config in enumerate(group):
+    batches = list(length_sorted_batches([len(q) for q in prompts.queries], settings.batch_size))
+    config_groups = [list(range(start, min(len(configs), start + configs_per_batch)))
+                     for start in range(0, len(configs), configs_per_batch)]
+    n_prefixes = len(prompts.prefixes)
+    masks = RowDeactivation(MlpSites(model), configs, input_device(model))
+    total = len(batches) * len(config_groups)
+    with masks.installed(), torch.inference_mode(), tqdm(total=total, desc=desc, unit="batch", mininterval=2) as progress:
+        for config_group in config_groups:
+            group = torch.tensor(config_group)
+            masks.set_rows(group.repeat_interleave(n_prefixes))
+            shared = forward_prefixes(model, prompts.prefixes, repeats=len(config_group))
+            for batch in batches:
+                # Row j * len(batch) + i is query batch[i] under config_group[j], after cached row
+                # j * n_prefixes + (its prefix).
+                masks.set_rows(group.repeat_interleave(len(batch)))
+                prefix_rows = torch.as_tensor([prompts.prefix_of[i] for i in batch] * len(config_group))
+                prefix_rows += torch.arange(len(config_group)).repeat_interleave(len(batch)) * n_prefixes
+                answers = greedy(model, tokenizer, shared, prefix_rows, [prompts.queries[i] for i in batch] *
+                                 len(config_group), settings.max_new_tokens)
+                for j, config in enumerate(config_group):
                     for i, text in zip(batch, answers[j * len(batch):(j + 1) * len(batch)]):
                         outputs[config][i] = text
                 progress.update()
     return outputs
+
+
+def greedy(model, tokenizer, shared: SharedPrefixes | None, prefix_rows: torch.Tensor,
+           queries: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy decoding of each query after its cached prefix (row prefix_rows[i] of `shared`; a
+    negative row: none), as `model.generate` does it: queries left-padded (the padding between
+    prefix and query masked out), positions counted over the attended tokens, rows that
+    produced an end-of-sequence token padded from then on."""
+    device = input_device(model)
+    longest, rows = max(len(q) for q in queries), len(queries)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((rows, longest), pad, dtype=torch.long)
+    attention = torch.zeros((rows, longest), dtype=torch.long)
+    for i, query in enumerate(queries):
+        ids[i, longest - len(query):] = torch.as_tensor(list(query))
+        attention[i, longest - len(query):] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    cache = None
+    if shared is not None and bool((prefix_rows >= 0).any()):
+        cache, prefix_mask = shared.rows(prefix_rows.clamp(min=0))
+        prefix_mask = prefix_mask * (prefix_rows >= 0).to(prefix_mask.device)[:, None]
+        attention = torch.cat([prefix_mask, attention], 1)
+    positions = positions_of(attention)[:, attention.shape[1] - longest:]
+    eos = torch.as_tensor(end_of_sequence_ids(model, tokenizer), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    generated = []
+    for _ in range(max_new_tokens):
+        output = model(input_ids=ids, attention_mask=attention, position_ids=positions, **with_cache(model, cache),
+                       logits_to_keep=1)
+        cache = returned_cache(model, output)
+        token = output.logits[:, -1].float().argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        generated.append(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        ids, positions = token[:, None], positions[:, -1:] + 1
+        attention = torch.cat([attention, attention.new_ones(rows, 1)], 1)
+    return tokenizer.batch_decode(torch.stack(generated, 1).cpu(), skip_special_tokens=True)
+
+
+def end_of_sequence_ids(model, tokenizer) -> list[int]:
+    """The tokens that end generation: the model's generation config's, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    found = getattr(config, "eos_token_id", None) if config is not None else None
+    if found is None:
+        found = tokenizer.eos_token_id
+    if found is None:
+        return []
+    return [found] if isinstance(found, int) else list(found)

@@ -8,18 +8,20 @@ import os
 from pathlib import Path
 
 from ..errors import NeuronmapError
-from .settings import ExtractionSettings, NeuronStatsSettings
+from .settings import CalibrationSettings, ExtractionSettings, NeuronStatsSettings
 
 log = logging.getLogger("neuronmap")
 
-SETTINGS = {"extract": ExtractionSettings, "neuron-stats": NeuronStatsSettings}
+SETTINGS = {"extract": ExtractionSettings, "neuron-stats": NeuronStatsSettings, "calibrate": CalibrationSettings}
 
 
 def cmd_extract(args) -> None:
     """pooled responses and token statistics of one shard's prompts"""
     import polars as pl
 
-    from ..io.parquet import read_table
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from ..model.cost import counting_forwards, job_cost
     from ..model.host_memory import return_large_buffers_to_the_os
     from ..model.loading import load_for_job
     from .engine import ExtractionOutputs, extract_shard
@@ -32,7 +34,12 @@ def cmd_extract(args) -> None:
     return_large_buffers_to_the_os()  # before the model loads: its staging buffers count too
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
     outputs = ExtractionOutputs(Path(args.out), Path(args.out_stats), Path(args.out_top))
-    extract_shard(model, tokenizer, prompts, outputs, args.settings)
+    with counting_forwards(model) as count:
+        extract_shard(model, tokenizer, prompts, outputs, args.settings)
+    log.info("forwarded %d token positions in %d forward passes, %.1f s", count.tokens, count.forwards,
+             count.seconds)
+    write_table(job_cost("extract", f"{args.relation}-{args.shard}", prompts.height, count), args.out_cost,
+                tables.JOB_COST)
 
 
 def args_extract(p) -> None:
@@ -44,6 +51,7 @@ def args_extract(p) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--out-stats", required=True)
     p.add_argument("--out-top", required=True)
+    p.add_argument("--out-cost", required=True, help="tokens forwarded and seconds taken (cost.parquet's input)")
 
 
 def cmd_neuron_stats(args) -> None:
@@ -61,3 +69,24 @@ def args_neuron_stats(p) -> None:
     p.add_argument("--top", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--out-top", required=True)
+
+
+def cmd_calibrate(args) -> None:
+    """a bare forward pass over prompts: the rate cost.parquet compares each stage with"""
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from ..model.cost import calibration
+    from ..model.loading import load_for_job
+    prompts = read_table(args.prompts, ["prompt_id", "text"]).sort("prompt_id")
+    model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
+    bare = calibration(model, tokenizer, prompts["text"].to_list(), args.settings.batch_size)
+    log.info("bare forward: %d token positions in %.2f s, %.0f tokens/s", bare["tokens"][0], bare["seconds"][0],
+             bare["tokens"][0] / bare["seconds"][0])
+    write_table(bare, args.out, tables.JOB_COST)
+
+
+def args_calibrate(p) -> None:
+    p.add_argument("--model-dir", required=True, help="directory written by prepare-model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True)

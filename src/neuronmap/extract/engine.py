@@ -16,9 +16,11 @@ from ..io import tables
 from ..io.parquet import atomic_path, write_table
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
-from ..model.batching import encode, free_device_memory, is_out_of_memory, length_sorted_batches
-from ..model.dispatch import input_device, site_device
+from ..model.batching import free_device_memory, is_out_of_memory, length_sorted_batches
 from ..model.hooks import SiteRecorder, TokenMask
+from ..model.dispatch import input_device, site_device
+from ..model.prefix_cache import (NO_PREFIX, SharedPrefixes, forward_prefixes, positions_of,
+                                  split_prompts, with_cache)
 from .neuron_stats import UnitStats, partial_table, top_table
 from .settings import ExtractionSettings
 
@@ -32,15 +34,25 @@ class ExtractionOutputs:
     top: Path
 
 
-def forward_without_logits(model, batch: dict[str, torch.Tensor]) -> None:
+def forward_without_logits(model, batch: dict[str, torch.Tensor], cache=None) -> None:
     # Only the MLP hooks matter; skipping the vocabulary projection saves a large matmul.
-    model(**batch, use_cache=False, logits_to_keep=1)
+    if cache is None:
+        model(**batch, use_cache=False, logits_to_keep=1)
+    else:
+        model(**batch, **with_cache(model, cache), logits_to_keep=1)
 
 
 class Extraction:
-    """Runs batches through the hooked model and streams what they show to the outputs."""
+    """Runs batches through the hooked model and streams what they show to the outputs.
 
-    def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings):
+    With `prefixes` (pool_span: query), the distinct prefixes of demonstrations are forwarded
+    once and each prompt's query after its prefix's cached keys and values: only the queries'
+    tokens reach the hooks, so responses are pooled over them and the per-token statistics
+    count them alone. Without (pool_span: prompt), every token of every prompt is forwarded,
+    pooled and counted."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings,
+                 prefixes: list[str] | None = None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device = input_device(model)
         self.sites = MlpSites(model)
@@ -48,42 +60,60 @@ class Extraction:
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
                                      settings.fused_statistics, store_dtype)
         self.prompt_ids, self.texts = prompt_ids, texts
-        self.token_ids = tokenizer(texts)["input_ids"]
+        self.prompts = split_prompts(tokenizer, prefixes or [""] * len(texts), texts)
         bos = tokenizer.bos_token_id
+        # A leading BOS only reaches the hooks in a prompt without a prefix.
         self.exclude_first = (not settings.include_bos and bos is not None
-                              and all(ids and ids[0] == bos for ids in self.token_ids))
+                              and all(ids and ids[0] == bos for ids in map(self.prompts.tokens, range(len(texts)))))
         self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n,
                                                site_device(self.sites, site, layer))
                       for site in settings.sites for layer in range(self.sites.n_layers)}
+        self.tokens_forwarded = 0
 
     def run(self, outputs: ExtractionOutputs) -> None:
-        lengths = [len(ids) for ids in self.token_ids]
-        batches = list(length_sorted_batches(lengths, self.settings.batch_size, self.settings.batch_tokens))
+        prompts = self.prompts
+        queries = [len(q) for q in prompts.queries]
+        batches = [[i for i in batch] for batch in length_sorted_batches(
+            queries, self.settings.batch_size, self.settings.batch_tokens)]
         widths = {site: self.sites.width(site) for site in self.settings.sites}
+        with torch.inference_mode():
+            # Before the recorder is installed: prefixes are forwarded, not observed.
+            shared = forward_prefixes(self.model, prompts.prefixes)
+        self.tokens_forwarded = sum(map(len, prompts.prefixes))
         with atomic_path(outputs.responses) as tmp, self.recorder.installed(), torch.inference_mode():
             writer = ResponseWriter(tmp, widths, self.sites.n_layers, self.settings.poolings,
                                     self.settings.response_dtype)
             try:
                 for batch in tqdm(batches, desc=f"extract {outputs.responses.name}", unit="batch", mininterval=5):
-                    self._run_batch(batch, writer)
+                    self._run_batch(batch, shared, writer)
             finally:
                 writer.close()
             write_table(partial_table(self.stats), outputs.stats, tables.NEURON_STATS_PARTIAL)
             write_table(top_table(self.stats, self.prompt_ids, self._tokens), outputs.top,
                         tables.TOP_ACTIVATIONS_PARTIAL)
-        log.info("wrote responses of %d prompts in %d batches to %s", len(self.prompt_ids), len(batches),
+        log.info("wrote responses of %d prompts in %d batches (%d distinct prefixes; %d tokens forwarded) to %s",
+                 len(self.prompt_ids), len(batches), len(prompts.prefixes), self.tokens_forwarded,
                  outputs.responses)
 
     def _tokens(self, prompt_index: int) -> list[str]:
-        return [self.tokenizer.decode([token]) for token in self.token_ids[prompt_index]]
+        return [self.tokenizer.decode([token]) for token in self.prompts.tokens(prompt_index)]
 
-    def _run_batch(self, batch: list[int], writer: ResponseWriter) -> None:
+    def _run_batch(self, batch: list[int], shared: SharedPrefixes | None, writer: ResponseWriter) -> None:
         """Forward one batch; on a device out-of-memory, retry it in halves."""
-        encoded = encode(self.tokenizer, [self.texts[i] for i in batch], self.device, padding_side="right")
-        mask = TokenMask.from_attention_mask(encoded["attention_mask"], self.exclude_first)
+        prompts = self.prompts
+        encoded = pad_right([prompts.queries[i] for i in batch], self.device, self.tokenizer.pad_token_id)
+        with_prefix = [prompts.prefix_of[i] != NO_PREFIX for i in batch]
+        mask = TokenMask.from_attention_mask(encoded["attention_mask"], self.exclude_first and not any(with_prefix))
         self.recorder.start_batch(mask)
         try:
-            forward_without_logits(self.model, encoded)
+            cache = None
+            if shared is not None and any(with_prefix):
+                cache, prefix_mask = shared.rows(torch.as_tensor([max(prompts.prefix_of[i], 0) for i in batch]))
+                prefix_mask = prefix_mask * torch.as_tensor(with_prefix, device=prefix_mask.device)[:, None]
+                attention = torch.cat([prefix_mask, encoded["attention_mask"]], 1)
+                encoded = {**encoded, "attention_mask": attention,
+                           "position_ids": positions_of(attention)[:, shared.length:]}
+            forward_without_logits(self.model, encoded, cache)
         except RuntimeError as error:
             if not is_out_of_memory(error) or len(batch) == 1:
                 raise
@@ -92,20 +122,38 @@ class Extraction:
             free_device_memory(self.device)
             log.warning("out of memory on a batch of %d prompts; retrying in halves", len(batch))
             half = len(batch) // 2
-            self._run_batch(batch[:half], writer)
-            self._run_batch(batch[half:], writer)
+            self._run_batch(batch[:half], shared, writer)
+            self._run_batch(batch[half:], shared, writer)
             return
         # Only now, with the whole forward done, does the batch count.
+        self.tokens_forwarded += int(mask.lengths.sum())
         prompt_index = torch.as_tensor(batch, device=self.device)
+        # Peak positions count from the prompt's first token, not the query's.
+        starts = torch.as_tensor([len(prompts.prefix_tokens(i)) for i in batch], dtype=torch.int32)[:, None]
         for key, seen in self.recorder.observations.items():
+            seen.peak_positions += starts.to(seen.peak_positions.device)
             self.stats[key].add(seen, mask.count, prompt_index)
-        writer.write_batch([self.prompt_ids[i] for i in batch], [len(self.token_ids[i]) for i in batch],
+        writer.write_batch([self.prompt_ids[i] for i in batch], mask.counts.squeeze(1).long().tolist(),
                            self.recorder.pooled_to_host())
+
+
+def pad_right(rows: list[list[int]], device: torch.device, pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    longest = max(len(row) for row in rows)
+    pad = pad_token_id if pad_token_id is not None else 0
+    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.as_tensor(row)
+        attention[i, :len(row)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
 
 
 def extract_shard(model, tokenizer, prompts: pl.DataFrame, outputs: ExtractionOutputs,
                   settings: ExtractionSettings) -> int:
     if prompts.height == 0:
         raise NeuronmapError(f"{outputs.responses}: no prompts in this shard")
-    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), settings).run(outputs)
-    return prompts.height
+    prefixes = prompts["prefix"].to_list() if settings.pool_span == "query" else None
+    extraction = Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), settings,
+                            prefixes)
+    extraction.run(outputs)
+    return extraction.tokens_forwarded

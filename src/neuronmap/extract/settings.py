@@ -18,6 +18,7 @@ class ExtractionSettings(Settings):
     response_dtype: str
     top_n: int = setting("top_activations")
     active_threshold: float
+    pool_span: str
     include_bos: bool
     fused_statistics: bool
 
@@ -25,3 +26,9 @@ class ExtractionSettings(Settings):
 @dataclass(frozen=True)
 class NeuronStatsSettings(Settings):
     top_n: int = setting("top_activations")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings(Settings):
+    model: ModelSettings
+    batch_size: int

@@ -11,6 +11,9 @@ PROMPTS = pa.schema([
     ("object", pa.string()),
     ("objects", pa.list_(pa.string())),
     ("template", pa.int32()),
+    ("demo_set", pa.int32()),
+    ("prefix", pa.string()),
+    ("query", pa.string()),
     ("text", pa.string()),
     ("split", pa.string()),
     ("shard", pa.int32()),
@@ -36,6 +39,7 @@ _UNIT_EXPERTISE = [
     ("layer", pa.int32()),
     ("unit", pa.int32()),
     ("ap", pa.float64()),
+    ("separation", pa.float64()),
     ("on_p50", pa.float32()),
     ("on_p90", pa.float32()),
     ("off_mean", pa.float32()),
@@ -58,6 +62,7 @@ SELECTED_UNITS = pa.schema([
     ("unit", pa.int32()),
     ("rank", pa.int64()),
     ("ap", pa.float64()),
+    ("separation", pa.float64()),
 ])
 
 OVERLAP = pa.schema([
@@ -241,4 +246,28 @@ DEAD_UNITS = pa.schema([
     ("frac_active", pa.float64()),
     ("dead", pa.bool_()),
     ("never_active", pa.bool_()),
+])
+
+# What one model-running job forwarded and how long it took (model/cost.py); the calibration
+# job's row (stage "bare") is a bare forward pass over prompts.
+JOB_COST = pa.schema([
+    ("stage", pa.string()),
+    ("job", pa.string()),
+    ("prompts", pa.int64()),
+    ("tokens", pa.int64()),
+    ("forwards", pa.int64()),
+    ("seconds", pa.float64()),
+])
+
+COST = pa.schema([
+    ("stage", pa.string()),
+    ("jobs", pa.int64()),
+    ("prompts", pa.int64()),
+    ("tokens", pa.int64()),
+    ("forwards", pa.int64()),
+    ("seconds", pa.float64()),
+    ("tokens_per_prompt", pa.float64()),
+    ("tokens_per_s", pa.float64()),
+    ("bare_tokens_per_s", pa.float64()),
+    ("ratio_to_bare", pa.float64()),
 ])

@@ -254,7 +254,10 @@ class JobPlan:
 
 def token_lengths(settings, tokenizer=None) -> dict:
     """The prompts every job will see (built as the prepare stage builds them) and their lengths
-    in tokens: counted by the tokenizer, or estimated at 4 characters a token without one."""
+    in tokens: counted by the tokenizer, or estimated at 4 characters a token without one.
+    `*_max` are whole prompts (what attention spans); `*_tokens` what is forwarded: each distinct
+    prefix of demonstrations once per job and every query (pool_span: query), or every whole
+    prompt (pool_span: prompt)."""
     import polars as pl
 
     from ..prepare.prompts import relation_prompts
@@ -262,17 +265,29 @@ def token_lengths(settings, tokenizer=None) -> dict:
     frames = [relation_prompts(load_relation(find_relation_file(settings.relations_dir, name), name),
                                settings.prepare.prompts, settings.prepare.shards) for name in settings.relations]
     prompts = pl.concat(frames, how="diagonal_relaxed")
-    texts = prompts["text"].to_list()
-    if tokenizer is not None:
-        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    else:
-        counts = [max(1, math.ceil(len(text) / 4)) for text in texts]
-    prompts = prompts.with_columns(tokens=pl.Series(counts))
+
+    def count(texts):
+        if tokenizer is not None:
+            return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        return [max(1, math.ceil(len(text) / 4)) for text in texts]
+
+    prompts = prompts.with_columns(tokens=pl.Series(count(prompts["text"].to_list())),
+                                   prefix_tokens=pl.Series(count(prompts["prefix"].to_list())))
     ident = prompts.filter(pl.col("split") == "identification")
     test = prompts.filter(pl.col("split") == "test")
-    return {"identification": ident.height, "identification_tokens": int(ident["tokens"].sum()),
+    cached = settings.extraction.pool_span == "query"
+
+    def forwarded(frame, by):
+        if not cached:
+            return int(frame["tokens"].sum())
+        prefixes = frame.unique([*by, "prefix"])["prefix_tokens"].sum()
+        return int((frame["tokens"] - frame["prefix_tokens"]).sum() + prefixes)
+
+    return {"identification": ident.height, "identification_tokens": forwarded(ident, ["relation", "shard"]),
             "identification_max": int(ident["tokens"].max()), "test": test.height,
-            "test_tokens": int(test["tokens"].sum()), "test_max": int(test["tokens"].max()),
+            "test_tokens": int((test["tokens"] - test["prefix_tokens"]).sum()),
+            "test_prefix_tokens": int(test.unique("prefix")["prefix_tokens"].sum()),
+            "test_max": int(test["tokens"].max()),
             "test_by_relation": {r: int(n) for r, n in test.group_by("relation").len().iter_rows()},
             "counted_by": "tokenizer" if tokenizer is not None else "characters / 4"}
 
@@ -309,9 +324,11 @@ def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
                     lengths["identification"] * len(ext.poolings) * shape.n_layers
                     * sum(shape.widths[s] for s in ext.sites if s in shape.widths)
                     * (2 if ext.response_dtype == "float16" else 4)),
-        "baseline": (1, int(lengths["test"] * (mean_test + new)), mean_test + new / 2, new / (mean_test + new),
-                     lengths["test"] * 200),
-        "ablate": (relations, int(relations * (evaluated * (mean_test + new) + (1 + configs) * ab.perplexity_max_tokens)),
+        # Queries and generated tokens per evaluation; each distinct prefix once per configuration.
+        "baseline": (1, int(lengths["test"] * (mean_test + new) + lengths["test_prefix_tokens"]), mean_test + new / 2,
+                     new / (mean_test + new), lengths["test"] * 200),
+        "ablate": (relations, int(relations * (evaluated * (mean_test + new) + configs * lengths["test_prefix_tokens"]
+                                               + (1 + configs) * ab.perplexity_max_tokens)),
                    mean_test + new / 2, 0.5, relations * (evaluated + lengths["test"]) * 200),
         "decode": (1, 0, 0, 0.0, 0),
     }

@@ -1,4 +1,10 @@
-"""The prepare stage: facts -> prompts, split into identification and test sets by subject."""
+"""The prepare stage: facts -> prompts, split into identification and test sets by subject.
+
+A prompt is a prefix of demonstrations (other facts of the relation, one per line) and the
+asked fact, its query: `text = prefix + query`. Demonstrations come from a few fixed sets per
+relation (`few_shot_sets`), so that the model stages forward each set's prefix once and reuse
+its key/value cache for every prompt that starts with it (model/prefix_cache.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from .relations import Fact, Relation
 from .settings import PromptSettings
 
 SPLITS = ("identification", "test")
+PRIVATE_SET = -1  # demo_set of a prompt whose fact is in every shared set: it gets its own
 
 
 def relation_rng(seed: int, relation: str, purpose: str) -> np.random.Generator:
@@ -47,25 +54,57 @@ def split_facts(relation: Relation, settings: PromptSettings, shards: int) -> tu
     return sorted(permuted[n_test:].tolist()), sorted(permuted[:n_test].tolist())
 
 
-def relation_prompts(relation: Relation, settings: PromptSettings, shards: int = 1) -> pl.DataFrame:
-    """A relation's prompts; identification prompts are dealt round-robin to `shards` extraction jobs."""
-    for t in settings.templates:
+def template_indices(relation: Relation, chosen: str | list[int] | tuple[int, ...], key: str) -> list[int]:
+    if chosen == "all":
+        return list(range(len(relation.templates)))
+    for t in chosen:
         if t >= len(relation.templates):
             raise NeuronmapError(
-                f"templates: index {t} out of range, {relation.path} has {len(relation.templates)} templates")
+                f"{key}: index {t} out of range, {relation.path} has {len(relation.templates)} templates")
+    return list(chosen)
+
+
+def demonstration_sets(identification: list[int], settings: PromptSettings, relation: str) -> list[list[int]]:
+    """`few_shot_sets` sets of `few_shot` identification facts: consecutive runs of one seeded
+    permutation, disjoint while there are enough facts, wrapping around when there are not."""
+    if not settings.few_shot:
+        return [[]]
+    order = relation_rng(settings.seed, relation, "few_shot").permutation(identification).tolist()
+    k = settings.few_shot
+    return [[order[(s * k + i) % len(order)] for i in range(k)] for s in range(settings.few_shot_sets)]
+
+
+def choose_set(sets: list[list[int]], fact_index: int, position: int) -> int:
+    """Sets are dealt round-robin; a set holding the asked fact is skipped."""
+    for attempt in range(len(sets)):
+        s = (position + attempt) % len(sets)
+        if fact_index not in sets[s]:
+            return s
+    return PRIVATE_SET
+
+
+def relation_prompts(relation: Relation, settings: PromptSettings, shards: int = 1) -> pl.DataFrame:
+    """A relation's prompts; identification prompts are dealt round-robin to `shards` extraction jobs."""
+    templates = {"identification": template_indices(relation, settings.templates, "templates"),
+                 "test": template_indices(relation, settings.test_templates, "test_templates")}
     identification, test = split_facts(relation, settings, shards)
-    demo_rng = relation_rng(settings.seed, relation.name, "few_shot")
+    sets = demonstration_sets(identification, settings, relation.name)
+    private_rng = relation_rng(settings.seed, relation.name, "few_shot_private")
     rows = []
     for split, fact_indices in (("identification", identification), ("test", test)):
         for position, fact_index in enumerate(fact_indices):
             fact = relation.facts[fact_index]
-            # Demonstrations come from the identification split only and never include the asked fact.
-            pool = [i for i in identification if i != fact_index]
-            demos = demo_rng.choice(pool, settings.few_shot, replace=False).tolist() if settings.few_shot else []
-            for t in settings.templates:
+            demo_set = choose_set(sets, fact_index, position)
+            if demo_set == PRIVATE_SET:
+                # Demonstrations never include the asked fact.
+                pool = [i for i in identification if i != fact_index]
+                demos = private_rng.choice(pool, settings.few_shot, replace=False).tolist()
+            else:
+                demos = sets[demo_set]
+            for t in templates[split]:
                 template = relation.templates[t]
-                lines = [demonstration(template, relation.facts[d]) for d in demos]
-                lines.append(fact_prompt(template, fact))
+                prefix = "".join(demonstration(template, relation.facts[d]) + "\n" for d in demos)
+                query = fact_prompt(template, fact)
                 rows.append({
                     "prompt_id": f"{relation.name}/{fact_index:05d}/t{t}",
                     "relation": relation.name,
@@ -73,11 +112,14 @@ def relation_prompts(relation: Relation, settings: PromptSettings, shards: int =
                     "object": fact.objects[0],
                     "objects": list(fact.objects),
                     "template": t,
-                    "text": "\n".join(lines),
+                    "demo_set": demo_set,
+                    "prefix": prefix,
+                    "query": query,
+                    "text": prefix + query,
                     "split": split,
                     "fact_position": position,
                 })
-    frame = pl.DataFrame(rows)
+    frame = pl.DataFrame(rows, schema_overrides={"template": pl.Int32, "demo_set": pl.Int32})
     # Shards are per relation, so adding a relation never reshuffles another relation's shards.
     return frame.with_columns(
         pl.when(pl.col("split") == "identification")

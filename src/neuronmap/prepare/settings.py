@@ -10,8 +10,10 @@ from ..config.settings import Settings, setting
 @dataclass(frozen=True)
 class PromptSettings(Settings):
     """How a relation's facts become prompts, split by subject."""
-    templates: tuple[int, ...]
+    templates: str | list[int]
+    test_templates: tuple[int, ...]
     few_shot: int
+    few_shot_sets: int
     max_facts: int = setting("relations.max_facts")
     test_facts: int = setting("split.test_facts")
     max_test_fraction: float = setting("split.max_test_fraction")

@@ -20,7 +20,9 @@ import polars as pl
 from .. import __version__
 from ..io.parquet import read_table, write_text
 from ..model.loading import read_manifest
+from ..stats.expertise import top_ties
 from . import charts, data
+from .findings import findings
 from .atlas import build_atlas, load_tokenizer
 from .page import Page, note, table, write_figures
 
@@ -45,6 +47,7 @@ class ReportInputs:
     perplexity: Path
     sparsity: Path
     languages: Path
+    cost: Path
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,20 @@ class Run:
     prompts: pl.DataFrame
     units: pl.DataFrame
     baseline: pl.DataFrame
+    ties: pl.DataFrame  # per relation: units at the top AP, and those separation leaves tied
+    n_units: int
 
     @classmethod
     def load(cls, inputs: ReportInputs, config: dict) -> Run:
+        ties = []
+        for path in inputs.expertise:
+            expertise = read_table(path, ["site", "layer", "unit", "ap", "separation"])
+            ties.append({"relation": path.name.removesuffix(".parquet"), "units": expertise.height,
+                         "top AP": expertise["ap"].max(), **top_ties(expertise)})
         return cls(inputs=inputs, config=config, manifest=read_manifest(inputs.model_dir),
                    prompts=read_table(inputs.prompts), units=pl.concat([read_table(p) for p in inputs.units]),
-                   baseline=data.baseline_accuracy(read_table(inputs.baseline)))
+                   baseline=data.baseline_accuracy(read_table(inputs.baseline)),
+                   ties=pl.DataFrame(ties).sort("relation"), n_units=ties[0]["units"])
 
 
 def summary_section(page: Page, run: Run) -> None:
@@ -78,7 +89,8 @@ def summary_section(page: Page, run: Run) -> None:
         ("units", f"sites {', '.join(config['sites'])}; response pooled by {config['pooling']}"),
         ("relations", f"{len(relations)}: {', '.join(html.escape(r) for r in relations)}"),
         ("prompts", f"{split.get('identification', 0)} identification, {split.get('test', 0)} test "
-                    f"({config['few_shot']} demonstrations each)"),
+                    f"({config['few_shot']} demonstrations each, from {config['few_shot_sets']} fixed sets per "
+                    f"relation; responses pooled over the {'asked fact' if config['pool_span'] == 'query' else 'whole prompt'})"),
         ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
         ("neuronmap", __version__),
         ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
@@ -88,7 +100,28 @@ def summary_section(page: Page, run: Run) -> None:
     page.add('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
     page.add('<div class="tables">', table(data.prompt_counts(run.prompts), "prompts per relation"),
              table(times, "run time per stage (benchmark files)", digits=1),
+             table(data.cost_summary(read_table(run.inputs.cost)),
+                   "what the model-running stages cost: token positions forwarded (padding included) and "
+                   "their rate, against a bare forward pass over prompts measured in this run", digits=2),
              table(data.package_versions(), "package versions (report job)"), "</div>")
+
+
+def findings_section(page: Page, run: Run) -> None:
+    significance = run.config["significance"]
+    rows, pairs = findings(read_table(run.inputs.significance), read_table(run.inputs.overlap),
+                           read_table(run.inputs.languages), run.n_units, significance["confidence"],
+                           significance["alpha"])
+    page.section("findings", "Findings")
+    page.add(note("Stated from this run's numbers. Excess drop: the random units' mean accuracy minus the top-k "
+                  "units' accuracy on the relation's own test prompts (positive: the selected units matter more "
+                  "than random ones), pooled over relations, with a normal-approximation interval. A property "
+                  "the numbers cannot decide is undecided."))
+    page.add('<ul class="findings">' + "".join(
+        f'<li data-property="{html.escape(p)}" data-scope="{html.escape(s)}"><b>{html.escape(p)}</b> '
+        f'({html.escape(v)}): {html.escape(t)}</li>'
+        for p, s, v, t in rows.select("property", "scope", "verdict", "statement").iter_rows()) + "</ul>")
+    page.add("<details><summary>the numbers</summary>", table(rows.drop("statement"), "findings", digits=4),
+             table(pairs, "units shared by each pair of relations against chance", digits=4), "</details>")
 
 
 def recall_section(page: Page, run: Run) -> None:
@@ -153,10 +186,13 @@ def side_effects_section(page: Page, run: Run) -> None:
 
 def expertise_section(page: Page, run: Run) -> None:
     page.section("expertise", "Expertise")
-    page.add(note("Average Precision of the selected units. When more units reach AP = 1 than are selected, the "
-                  "choice among them is a seeded random tie-break: more identification prompts (or fewer "
-                  "demonstrations) sharpen the ranking."))
+    page.add(note("Average Precision of the selected units. Units are ranked by AP, ties broken by separation "
+                  "(the standardized difference of a unit's mean response on positives and on negatives), then "
+                  "by site, layer and unit; the second table says how many units share the top AP and how many "
+                  "of those separation leaves tied."))
     page.add(table(data.expertise_summary(run.units, sorted(run.config["top_k"]))))
+    page.add(table(run.ties.rename({"at_top_ap": "units at the top AP", "unresolved": "still tied after separation"}),
+                   "ties at the top of each ranking", digits=4))
 
 
 def atlas_section(page: Page, run: Run) -> dict:
@@ -198,7 +234,7 @@ def build_report(inputs: ReportInputs, config: dict, out: str | Path, figures_di
     """`config` is the run's validated config (every default filled in)."""
     run = Run.load(inputs, config)
     page = Page(f"neuronmap: {config['run']}")
-    for section in (summary_section, recall_section, drop_section, overlap_section, placement_section,
+    for section in (summary_section, findings_section, recall_section, drop_section, overlap_section, placement_section,
                     sparsity_section, languages_section, side_effects_section, expertise_section):
         section(page, run)
     atlas = atlas_section(page, run)

@@ -17,7 +17,7 @@ def cmd_report(args) -> None:
         overlap=Path(args.overlap), significance=Path(args.significance), sweep=Path(args.sweep),
         neuron_stats=Path(args.neuron_stats), top_activations=Path(args.top_activations),
         decoded=Path(args.decoded), perplexity=Path(args.perplexity), sparsity=Path(args.sparsity),
-        languages=Path(args.languages))
+        languages=Path(args.languages), cost=Path(args.cost))
     build_report(inputs, json.loads(args.config_json), args.out, args.figures_dir)
 
 
@@ -31,7 +31,23 @@ def args_report(p) -> None:
     p.add_argument("--expertise", nargs="+", required=True, help="expertise/<relation>.parquet of every relation")
     p.add_argument("--overlap", required=True)
     for name in ("significance", "sweep", "neuron-stats", "top-activations", "decoded", "perplexity", "sparsity",
-                 "languages"):
+                 "languages", "cost"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--figures-dir", required=True, help="where each figure is written as SVG and PNG")
+
+
+def cmd_cost(args) -> None:
+    """what the run cost: tokens forwarded and seconds per stage, against a bare forward pass"""
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from ..model.cost import cost_table
+    import polars as pl
+    jobs = pl.concat([read_table(path) for path in args.jobs])
+    write_table(cost_table(jobs, read_table(args.calibration)), args.out, tables.COST)
+
+
+def args_cost(p) -> None:
+    p.add_argument("--jobs", nargs="+", required=True, help="the model-running jobs' cost files")
+    p.add_argument("--calibration", required=True, help="the calibrate job's output")
+    p.add_argument("--out", required=True)

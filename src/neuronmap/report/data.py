@@ -161,3 +161,10 @@ def stage_times(benchmarks_dir: Path) -> pl.DataFrame:
     return pl.DataFrame(rows).group_by("stage", maintain_order=True).agg(
         jobs=pl.len().cast(pl.Int64), seconds=pl.col("seconds").sum(), cpu_seconds=pl.col("cpu_seconds").sum(),
         max_rss_mb=pl.col("max_rss_mb").max()).select(list(schema))
+
+
+def cost_summary(cost: pl.DataFrame) -> pl.DataFrame:
+    """cost.parquet as the summary shows it."""
+    return cost.select("stage", "jobs", "prompts", "tokens", pl.col("tokens_per_prompt").alias("tokens/prompt"),
+                       "seconds", pl.col("tokens_per_s").alias("tokens/s"),
+                       pl.col("ratio_to_bare").alias("× bare forward time"))

@@ -54,19 +54,22 @@ def cmd_stats(args) -> None:
 
     from ..io import tables
     from ..io.parquet import read_table, write_table
-    from .expertise import rank_units, selected_units
+    from .expertise import rank_units, selected_units, top_ties
     settings = args.settings
     chosen = _chosen_prompts(args.prompts, [args.relation], settings.choice)[args.relation]
     scores = pl.concat([read_table(path).filter(pl.col("relation") == args.relation) for path in args.blocks])
-    expertise = rank_units(scores, tie_seed=settings.choice.seed)
+    expertise = rank_units(scores)
     selected = selected_units(expertise, args.relation, settings.top_k)
     write_table(chosen, args.out_prompts, tables.EXPERTISE_PROMPTS)
     write_table(selected, args.out_units, tables.SELECTED_UNITS)
     write_table(expertise, args.out_expertise, tables.EXPERTISE)
     cutoff = expertise["ap"][max(settings.top_k) - 1]
-    log.info("%s: %d units ranked; top AP %.4f; %d units tie at the top-%d cutoff AP %.4f; selected by site:\n%s",
-             args.relation, expertise.height, expertise["ap"][0], (expertise["ap"] == cutoff).sum(),
-             max(settings.top_k), cutoff, selected.group_by("site").len().sort("site"))
+    ties = top_ties(expertise)
+    log.info("%s: %d units ranked; top AP %.4f shared by %d units (%d of them still tied after separation); "
+             "%d units at the top-%d cutoff AP %.4f; selected by site:\n%s",
+             args.relation, expertise.height, expertise["ap"][0], ties["at_top_ap"], ties["unresolved"],
+             (expertise["ap"] == cutoff).sum(), max(settings.top_k), cutoff,
+             selected.group_by("site").len().sort("site"))
 
 
 def args_stats(p) -> None:

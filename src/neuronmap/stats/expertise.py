@@ -244,20 +244,34 @@ def unit_chunks(n_prompts: int, width: int, n_relations: int) -> list[slice]:
     return [slice(start, min(start + step, width)) for start in range(0, width, step)]
 
 
+def separation(on: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """Per unit, the standardized difference of its responses on positives and on negatives:
+    (mean on - mean off) / sqrt((var on + var off) / 2), in float64. It breaks AP's ties: among
+    units that order the prompts equally well, the one whose positives stand further from its
+    negatives ranks first. No spread at all: +-inf where the means differ, 0 where they do not."""
+    on, off = on.double(), off.double()
+    difference = on.mean(0) - off.mean(0)
+    spread = torch.sqrt((on.var(0, correction=0) + off.var(0, correction=0)) / 2)
+    no_spread = torch.where(difference == 0, torch.zeros_like(difference), difference.sign() * torch.inf)
+    return torch.where(spread > 0, difference / spread.clamp(min=torch.finfo(torch.float64).tiny), no_spread)
+
+
 def block_expertise(values: np.ndarray, positive: torch.Tensor, included: torch.Tensor) -> dict[str, np.ndarray]:
-    """For one (site, layer): ap, on_p50, on_p90, off_mean as [R, units] arrays."""
+    """For one (site, layer): ap, separation, on_p50, on_p90, off_mean as [R, units] arrays."""
     scores = torch.from_numpy(values)
     units_major = scores.T.contiguous()
     out = {key: np.empty((positive.shape[1], values.shape[1]), dtype=np.float64)
-           for key in ("ap", "on_p50", "on_p90", "off_mean")}
+           for key in ("ap", "separation", "on_p50", "on_p90", "off_mean")}
     for chunk in unit_chunks(values.shape[0], values.shape[1], positive.shape[1]):
         out["ap"][:, chunk] = _ap_units_major(units_major[chunk], positive, included).numpy()
     quantiles = torch.tensor([0.5, 0.9])
     for r in range(positive.shape[1]):
         on = scores[positive[:, r] & included[:, r]]
+        off = scores[~positive[:, r] & included[:, r]]
         q = torch.quantile(on, quantiles, dim=0)
         out["on_p50"][r], out["on_p90"][r] = q[0].numpy(), q[1].numpy()
-        out["off_mean"][r] = scores[~positive[:, r] & included[:, r]].mean(0).numpy()
+        out["off_mean"][r] = off.mean(0).numpy()
+        out["separation"][r] = separation(on, off).numpy()
     return out
 
 
@@ -292,15 +306,23 @@ def expertise_block(reader: ResponseReader, chosen: dict[str, pl.DataFrame], poo
     return pl.concat(parts).select(tables.EXPERTISE_BLOCK.names)
 
 
-def rank_units(scores: pl.DataFrame, tie_seed: int = 0) -> pl.DataFrame:
-    """The reduce step for one relation: all units ranked by AP (1 = most expert)."""
-    scores = scores.sort("site", "layer", "unit")
-    # Small prompt sets leave many units tied (often at AP = 1). A seeded random order among
-    # ties keeps the ranking deterministic without favouring any site or layer.
-    tie_break = np.random.default_rng(tie_seed).permutation(scores.height)
-    table = scores.with_columns(tie_break=tie_break).sort(["ap", "tie_break"], descending=[True, False])
+RANK_ORDER = ("ap", "separation", "site", "layer", "unit")
+
+
+def rank_units(scores: pl.DataFrame) -> pl.DataFrame:
+    """The reduce step for one relation: all units ranked (1 = most expert) by AP, ties broken
+    by separation, then by site, layer and unit so that the order is total and deterministic."""
+    table = scores.sort(list(RANK_ORDER), descending=[True, True, False, False, False])
     return table.with_columns(rank=pl.int_range(1, table.height + 1, dtype=pl.Int64)) \
         .select(tables.EXPERTISE.names)
+
+
+def top_ties(expertise: pl.DataFrame) -> dict[str, int]:
+    """How many units share the top AP, and how many of them still tie with another after
+    separation (their rank then falls to site, layer and unit)."""
+    top = expertise.filter(pl.col("ap") == expertise["ap"].max())
+    unresolved = top.group_by("separation").len().filter(pl.col("len") > 1)["len"].sum()
+    return {"at_top_ap": top.height, "unresolved": int(unresolved or 0)}
 
 
 def selected_units(expertise: pl.DataFrame, relation: str, top_k: Sequence[int]) -> pl.DataFrame:
