@@ -1,7 +1,8 @@
 # Before any model-running job: what each will need (memory per device, tokens, FLOPs, time,
-# bytes written), from the model's config and tokenizer and the run's config. Not part of `all`:
-# ask for it, e.g. snakemake results/<run>/plan.json. The same estimate refuses, while the
-# workflow is parsed, a config whose jobs do not fit the memory it gives them.
+# bytes written), from the model's config and tokenizer and the run's config; the report shows it
+# beside what the run measured (cost.parquet). Ask for it alone before submitting a run:
+# snakemake results/<run>/plan.json. The same estimate refuses, while the workflow is parsed, a
+# config whose jobs do not fit the memory it gives them.
 rule plan:
     input:
         model=f"{RUN}/model",

@@ -37,6 +37,7 @@ rule report:
         sparsity=f"{RUN}/sparsity.parquet",
         languages=f"{RUN}/languages.parquet",
         cost=f"{RUN}/cost.parquet",
+        plan=f"{RUN}/plan.json",
         assets=REPORT_ASSETS,
     output:
         html=report(
@@ -68,4 +69,5 @@ rule report:
         "--neuron-stats {input.neuron_stats} --top-activations {input.top_activations} "
         "--decoded {input.decoded} --perplexity {input.perplexity} "
         "--sparsity {input.sparsity} --languages {input.languages} --cost {input.cost} "
+        "--plan {input.plan} "
         "--out {output.html} --figures-dir {output.figures} 2> {log}"

@@ -111,4 +111,5 @@ def write_later_analyses(run_dir: Path, out_dir: Path, units_per_relation: int =
                   "baseline_perplexity": [20.0] * len(relations), "ratio": perplexity / 20.0},
                  schema_overrides={"seed": pl.Int64}).write_parquet(paths["perplexity"])
     paths["cost"] = run_dir / "cost.parquet"
+    paths["plan"] = run_dir / "plan.json"
     return paths

@@ -72,9 +72,8 @@ class Extraction:
 
     def run(self, outputs: ExtractionOutputs) -> None:
         prompts = self.prompts
-        queries = [len(q) for q in prompts.queries]
-        batches = [[i for i in batch] for batch in length_sorted_batches(
-            queries, self.settings.batch_size, self.settings.batch_tokens)]
+        batches = list(length_sorted_batches([len(q) for q in prompts.queries], self.settings.batch_size,
+                                             self.settings.batch_tokens))
         widths = {site: self.sites.width(site) for site in self.settings.sites}
         with torch.inference_mode():
             # Before the recorder is installed: prefixes are forwarded, not observed.

@@ -48,6 +48,7 @@ class ReportInputs:
     sparsity: Path
     languages: Path
     cost: Path
+    plan: Path
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ def summary_section(page: Page, run: Run) -> None:
              table(data.cost_summary(read_table(run.inputs.cost)),
                    "what the model-running stages cost: token positions forwarded (padding included) and "
                    "their rate, against a bare forward pass over prompts measured in this run", digits=2),
+             table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost)),
+                   "the plan made before the run (plan.json, from the model's config alone) beside what the run "
+                   "measured", digits=2),
              table(data.package_versions(), "package versions (report job)"), "</div>")
 
 

@@ -17,7 +17,7 @@ def cmd_report(args) -> None:
         overlap=Path(args.overlap), significance=Path(args.significance), sweep=Path(args.sweep),
         neuron_stats=Path(args.neuron_stats), top_activations=Path(args.top_activations),
         decoded=Path(args.decoded), perplexity=Path(args.perplexity), sparsity=Path(args.sparsity),
-        languages=Path(args.languages), cost=Path(args.cost))
+        languages=Path(args.languages), cost=Path(args.cost), plan=Path(args.plan))
     build_report(inputs, json.loads(args.config_json), args.out, args.figures_dir)
 
 
@@ -31,7 +31,7 @@ def args_report(p) -> None:
     p.add_argument("--expertise", nargs="+", required=True, help="expertise/<relation>.parquet of every relation")
     p.add_argument("--overlap", required=True)
     for name in ("significance", "sweep", "neuron-stats", "top-activations", "decoded", "perplexity", "sparsity",
-                 "languages", "cost"):
+                 "languages", "cost", "plan"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--figures-dir", required=True, help="where each figure is written as SVG and PNG")

@@ -168,3 +168,17 @@ def cost_summary(cost: pl.DataFrame) -> pl.DataFrame:
     return cost.select("stage", "jobs", "prompts", "tokens", pl.col("tokens_per_prompt").alias("tokens/prompt"),
                        "seconds", pl.col("tokens_per_s").alias("tokens/s"),
                        pl.col("ratio_to_bare").alias("× bare forward time"))
+
+
+def plan_against_cost(plan: dict, cost: pl.DataFrame) -> pl.DataFrame:
+    """What plan.json projected for each model-running stage beside what cost.parquet measured:
+    forward tokens (the plan's exclude padding) and time (the plan's at its stated throughput)."""
+    measured = {row["stage"]: row for row in cost.iter_rows(named=True)}
+    rows = []
+    for job in plan["jobs"]:
+        seen = measured.get(job["kind"], {})
+        rows.append({"stage": job["kind"], "jobs": job["jobs"],
+                     "planned peak MiB per job": max(job["peak_bytes"].values()) / 2**20,
+                     "planned tokens": job["forward_tokens"], "measured tokens": seen.get("tokens"),
+                     f"planned s at {plan['tflops']:g} TFLOP/s": job["seconds"], "measured s": seen.get("seconds")})
+    return pl.DataFrame(rows, infer_schema_length=None)
