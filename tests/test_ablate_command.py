@@ -41,7 +41,8 @@ def inputs(tmp_path_factory):
                              schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "off_mean": pl.Float32})
     expertise.write_parquet(out / "expertise.parquet")
     selected = expertise.sample(60, seed=1).with_columns(relation=pl.lit("country_capital_city"),
-                                                         rank=pl.int_range(1, 61, dtype=pl.Int64), ap=pl.lit(1.0))
+                                                         rank=pl.int_range(1, 61, dtype=pl.Int64), ap=pl.lit(1.0),
+                                                         separation=pl.lit(2.0))
     write_table(selected, out / "units.parquet", tables.SELECTED_UNITS)
     return out
 
@@ -61,7 +62,8 @@ def ablate_args(inputs, smollm2_dir, out_prefix: str) -> list[str]:
             "--relation", "country_capital_city", "--neutral-text", str(REPO / "data" / "neutral_text.txt"),
             "--out-predictions", str(inputs / f"{out_prefix}predictions.parquet"),
             "--out-language-predictions", str(inputs / f"{out_prefix}predictions.fr.parquet"),
-            "--out-perplexity", str(inputs / f"{out_prefix}perplexity.parquet")]
+            "--out-perplexity", str(inputs / f"{out_prefix}perplexity.parquet"),
+            "--out-cost", str(inputs / f"{out_prefix}cost.parquet")]
 
 
 def test_baseline_and_mean_valued_sweep(smollm2_dir, inputs):
@@ -69,13 +71,15 @@ def test_baseline_and_mean_valued_sweep(smollm2_dir, inputs):
                  "--prompts", str(inputs / "prompts.parquet"),
                  "--language-prompts", str(inputs / "languages.parquet"),
                  "--out", str(inputs / "baseline.parquet"),
-                 "--out-languages", str(inputs / "baseline.fr.parquet")]) == 0
+                 "--out-languages", str(inputs / "baseline.fr.parquet"),
+                 "--out-cost", str(inputs / "baseline.cost.parquet")]) == 0
     sweep = settings(AblationSettings, top_k=(10, 60), seeds=(1,), value="mean", configs_per_batch=3,
                      perplexity_max_tokens=64)
     assert main(["ablate", *sweep, *ablate_args(inputs, smollm2_dir, "")]) == 0
     for name, schema in (("baseline", tables.PREDICTIONS), ("baseline.fr", tables.LANGUAGE_PREDICTIONS),
                          ("predictions", tables.PREDICTIONS), ("predictions.fr", tables.LANGUAGE_PREDICTIONS),
-                         ("perplexity", tables.PERPLEXITY)):
+                         ("perplexity", tables.PERPLEXITY), ("cost", tables.JOB_COST),
+                         ("baseline.cost", tables.JOB_COST)):
         assert pq.read_schema(inputs / f"{name}.parquet").remove_metadata().equals(schema), name
     baseline = pl.read_parquet(inputs / "baseline.parquet")
     assert baseline.height == 6 and set(baseline["eval_relation"]) == set(NAMES)

@@ -117,10 +117,10 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(smollm2, sharded, 
     model, tokenizer = smollm2
     real_forward = extract.forward_without_logits
 
-    def small_batches_only(model, batch):
+    def small_batches_only(model, batch, cache=None):
         if batch["input_ids"].shape[0] > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        real_forward(model, batch)
+        real_forward(model, batch, cache)
 
     monkeypatch.setattr(extract, "forward_without_logits", small_batches_only)
     outputs = ExtractionOutputs(*(tmp_path / f"{kind}.parquet" for kind in ("responses", "stats", "top")))

@@ -152,6 +152,11 @@ def test_outputs_equal_the_local_run(slurm_run):
     local = sorted(p.relative_to(e2e_run) for p in e2e_run.rglob("*.parquet"))
     on_slurm = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*.parquet"))
     assert on_slurm == local and local
+    # What the jobs measured of themselves (seconds and rates) differs from run to run; what they
+    # forwarded does not.
+    timings = ["seconds", "tokens_per_s", "bare_tokens_per_s", "ratio_to_bare"]
     for relative in local:
-        assert_frame_equal(pl.read_parquet(run_dir / relative), pl.read_parquet(e2e_run / relative),
-                           rel_tol=1e-4, abs_tol=1e-6)
+        slurm, here = pl.read_parquet(run_dir / relative), pl.read_parquet(e2e_run / relative)
+        if relative.parts[0] == "cost" or relative.name == "cost.parquet":
+            slurm, here = slurm.drop(timings, strict=False), here.drop(timings, strict=False)
+        assert_frame_equal(slurm, here, rel_tol=1e-4, abs_tol=1e-6)
