@@ -97,7 +97,8 @@ model, tokenizer = load_for_job(sys.argv[2], settings.model, 2)
 out = sys.argv[3]
 outputs = ExtractionOutputs(*(__import__("pathlib").Path(f"{out}.{k}.parquet") for k in ("r", "s", "t")))
 extract_shard(model, tokenizer, prompts, outputs, settings)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: Linux carries the maxrss of the forking parent (a large pytest) over exec.
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
@@ -106,8 +107,7 @@ def measured_and_planned(model_dir, tmp_path, config):
     # Twice: a first torch.compile on a machine whose compile cache is cold holds about 1.6 GiB more
     # (2227 MiB measured in a fresh CI run, against 582 MiB warm), which no plan can know; the
     # plan's figure is the warm one, as every job after a machine's first sees it.
-    # In a clean environment with a compile cache of its own: inside the whole suite the same job
-    # measured 2019 MiB against 721 MiB alone, cause not found.
+    # A compile cache of its own, so the second run is warm whatever ran before.
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "HF_HUB_OFFLINE": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     for _ in range(2):
