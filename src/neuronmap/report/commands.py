@@ -39,10 +39,11 @@ def args_report(p) -> None:
 
 def cmd_cost(args) -> None:
     """what the run cost: tokens forwarded and seconds per stage, against a bare forward pass"""
+    import polars as pl
+
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from ..model.cost import cost_table
-    import polars as pl
     jobs = pl.concat([read_table(path) for path in args.jobs])
     write_table(cost_table(jobs, read_table(args.calibration)), args.out, tables.COST)
 
