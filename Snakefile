@@ -24,6 +24,7 @@ include: "rules/extract.smk"
 include: "rules/stats.smk"
 include: "rules/ablate.smk"
 include: "rules/report.smk"
+include: "rules/corpus.smk"
 
 
 rule all:

@@ -91,10 +91,32 @@ def shard_outputs_of(pattern):
     return expand(pattern, relation=RELATIONS, shard=SHARDS)
 
 
+def corpus_files(wildcards):
+    return package.corpus_files(config)
+
+
+def corpus_shards(kind):
+    """One partial of every records job, e.g. corpus_shards("units")."""
+    return expand(
+        f"{RUN}/corpus/shards/shard-{{shard}}.{kind}.parquet",
+        shard=range(config["corpus"]["shards"]),
+    )
+
+
 def all_outputs():
-    """The report, which reads every other analysis, and the tables it does not show."""
-    return [
-        f"{RUN}/report.html",
-        f"{RUN}/shared_units.parquet",
-        f"{RUN}/dead_units.parquet",
-    ]
+    """The relation study's report, which reads every other analysis, and the tables it does
+    not show; the corpus records where the config names a corpus."""
+    outputs = []
+    if config["relation_study"]:
+        outputs += [
+            f"{RUN}/report.html",
+            f"{RUN}/shared_units.parquet",
+            f"{RUN}/dead_units.parquet",
+        ]
+    if config["corpus"]["path"]:
+        outputs += [
+            f"{RUN}/corpus/units.parquet",
+            f"{RUN}/corpus/examples.parquet",
+            f"{RUN}/corpus/peak_tokens.parquet",
+        ]
+    return outputs

@@ -16,7 +16,7 @@ import pyarrow as pa
 from neuronmap.ablate.sweep import sweep_table
 from neuronmap.io import tables
 from neuronmap.io.parquet import write_table
-from neuronmap.report.atlas import load_tokenizer
+from neuronmap.model.loading import load_tokenizer
 
 KEY = ["site", "layer", "unit"]
 

@@ -83,6 +83,7 @@ def crash_config(e2e_run, e2e_config, tmp_path_factory):
     """The e2e config under its own run name, on the e2e run's prepared model (no conversion)."""
     config = yaml.safe_load(e2e_config.read_text())
     config["run"] = f"{config['run']}-crash"
+    config.pop("corpus", None)  # killed during extraction: the relation study's jobs are what it counts
     config["model"] = str(e2e_run / "model")
     path = tmp_path_factory.mktemp("crash") / "crash.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -183,7 +183,7 @@ def test_decoded_tokens_long_or_list_form():
 
 def test_peak_span_finds_each_token_of_real_prompts(smollm2_dir):
     """The span of position p must spell the token the extraction records there (its decode)."""
-    from neuronmap.report.atlas import load_tokenizer
+    from neuronmap.model.loading import load_tokenizer
     tokenizer = load_tokenizer(smollm2_dir)
     texts = ["The capital city of France is Paris\nThe capital city of Brazil is Brasília",
              "walk -> walked\nswim -> swam\n  go ->", "Ünïcödé  spaced\ttext"]

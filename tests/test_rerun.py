@@ -88,6 +88,7 @@ def workdir(e2e_run, e2e_config, tmp_path_factory) -> Workdir:
         shutil.copytree(REPO / name, root / name)
     shutil.copytree(REPO / PACKAGE, root / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     config = yaml.safe_load(e2e_config.read_text())
+    config.pop("corpus", None)  # the relation study's reruns; the corpus pass reads tests/data, not copied here
     shutil.copytree(e2e_run, root / "results" / config["run"], ignore=shutil.ignore_patterns("logs", "benchmarks"))
     work = Workdir(root, config)
     work.snakemake("--touch", "--forceall")

@@ -56,6 +56,39 @@ def expected_files(run):
     yield run / "top_activations.parquet", tables.TOP_ACTIVATIONS
     for block in (0, 1):
         yield run / "expertise" / "blocks" / f"block-{block}.parquet", tables.EXPERTISE_BLOCK
+    yield from corpus_files(run)
+
+
+def corpus_files(run):
+    yield run / "corpus" / "contexts.parquet", tables.CONTEXTS
+    for shard in (0, 1):
+        yield run / "corpus" / "shards" / f"shard-{shard}.units.parquet", tables.RECORDS_PARTIAL
+        yield run / "corpus" / "shards" / f"shard-{shard}.extremes.parquet", tables.EXTREMES_PARTIAL
+        yield run / "cost" / "corpus" / f"shard-{shard}.parquet", tables.JOB_COST
+    yield run / "corpus" / "units.parquet", tables.UNIT_RECORDS
+    yield run / "corpus" / "examples.parquet", tables.UNIT_EXAMPLES
+    yield run / "corpus" / "peak_tokens.parquet", tables.PEAK_TOKENS
+
+
+def test_corpus_records_cover_every_token_and_read_per_layer(run):
+    contexts = pl.read_parquet(run / "corpus" / "contexts.parquet")
+    assert set(contexts["label"]) == {"de", "en"} and set(contexts["shard"]) == {0, 1}
+    assert contexts["n_tokens"].max() <= 32
+    units = pq.ParquetFile(run / "corpus" / "units.parquet")
+    assert units.num_row_groups == 30  # one per layer
+    layer = pl.from_arrow(units.read_row_group(7))
+    assert set(layer["layer"]) == {7} and layer.height == 3 * 1536 + 576
+    assert (layer["count"] == contexts["n_tokens"].sum()).all()
+    assert (layer["p1"] <= layer["p50"]).all() and (layer["p50"] <= layer["p99_99"]).all()
+    assert ((layer["min"] <= layer["p1"]) & (layer["p99_99"] <= layer["max"])).all()
+    examples = pl.read_parquet(run / "corpus" / "examples.parquet")
+    token_ids = dict(zip(contexts["context_id"], contexts["token_ids"]))
+    for row in examples.sample(50, seed=0).iter_rows(named=True):
+        assert token_ids[row["context_id"]][row["position"]] == row["token_id"]
+        assert row["label"] in {"de", "en"}
+    assert examples.group_by("site", "layer", "unit", "kind").len()["len"].max() == 3
+    peaks = pl.read_parquet(run / "corpus" / "peak_tokens.parquet")
+    assert peaks.group_by("site", "layer", "unit").agg(pl.col("contexts").sum())["contexts"].max() <= 6
 
 
 def test_every_output_matches_its_documented_schema(run):

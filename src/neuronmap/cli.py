@@ -26,6 +26,7 @@ COMMANDS = {
     "baseline": "ablate", "ablate": "ablate", "ablation-summary": "ablate",
     "report": "report", "cost": "report",
     "plan": "plan",
+    "corpus-contexts": "corpus", "corpus-records": "corpus", "corpus-merge": "corpus",
 }
 
 

@@ -44,6 +44,14 @@ def check_languages(config: dict) -> None:
                 f"{Path(config['languages']['dir']) / language}")
 
 
+def check_corpus(config: dict) -> None:
+    """The corpus exists and every file of it reads (a bad line is named before any job starts)."""
+    if config["corpus"]["path"]:
+        from ..corpus.reading import read_documents
+        corpus = config["corpus"]
+        read_documents(corpus["path"], corpus["text_column"], corpus["label_column"])
+
+
 def check_model(config: dict, prepared: str | Path | None = None) -> None:
     """The model exists, its architecture is supported and has the configured sites, top_k fits
     its number of units, and a local directory holds what a job loads (safetensors weights, a
@@ -78,8 +86,13 @@ def check_plan(config: dict, prepared: str | Path | None = None) -> None:
 
 def check_config(config: dict, prepared: str | Path | None = None) -> None:
     """All of the above, cheapest first. `prepared` is the run's model directory, if it exists."""
-    check_keys(config)
-    check_relations(config)
-    check_languages(config)
+    if not config["relation_study"] and not config["corpus"]["path"]:
+        raise NeuronmapError("relation_study is off and corpus.path is not set: the run would do nothing")
+    check_corpus(config)
+    if config["relation_study"]:
+        check_keys(config)
+        check_relations(config)
+        check_languages(config)
     check_model(config, prepared)
-    check_plan(config, prepared)
+    if config["relation_study"]:
+        check_plan(config, prepared)

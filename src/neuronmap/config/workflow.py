@@ -12,7 +12,7 @@ from .fingerprint import code_fingerprint
 from .schema import validated
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
-           "shell_prefix", "gpus_per_job"]
+           "shell_prefix", "gpus_per_job", "corpus_files"]
 
 
 def settings_json(command: str, config: dict) -> str:
@@ -29,6 +29,12 @@ def translation_files(config: dict) -> list[str]:
     from ..prepare.languages import translation_files as files
     return [str(path) for path in
             files(config["languages"]["dir"], config["languages"]["evaluate"], config["relations"]["names"])]
+
+
+def corpus_files(config: dict) -> list[str]:
+    """The files the corpus pass reads (none without corpus.path)."""
+    from ..corpus.reading import corpus_files as files
+    return [str(path) for path, _ in files(config["corpus"]["path"])] if config["corpus"]["path"] else []
 
 
 def shell_prefix() -> str:

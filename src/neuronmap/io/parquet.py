@@ -76,3 +76,18 @@ def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
         raise NeuronmapError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise NeuronmapError(f"{path}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
+
+
+def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> None:
+    """Write tables (an iterable: one is built at a time) as one row group each, atomically: a
+    reader takes one group (one layer, say) without reading the others (`read_row_group`)."""
+    with atomic_path(target) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                if isinstance(part, pl.DataFrame):
+                    part = part.to_arrow()
+                writer.write_table(part.select(schema.names).cast(schema), row_group_size=max(part.num_rows, 1))
+
+
+def read_row_group(path: str | os.PathLike, index: int, columns: list[str] | None = None) -> pl.DataFrame:
+    return pl.from_arrow(open_parquet(path).read_row_group(index, columns=columns))

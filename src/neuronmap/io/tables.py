@@ -271,3 +271,81 @@ COST = pa.schema([
     ("bare_tokens_per_s", pa.float64()),
     ("ratio_to_bare", pa.float64()),
 ])
+
+
+# The corpus pass (docs/parquet.md, "Corpus records").
+CONTEXTS = pa.schema([
+    ("context_id", pa.int64()),
+    ("document", pa.string()),
+    ("label", pa.string()),
+    ("part", pa.int32()),
+    ("shard", pa.int32()),
+    ("n_tokens", pa.int32()),
+    ("token_ids", pa.list_(pa.int32())),
+])
+
+_UNIT_KEY = [("site", pa.string()), ("layer", pa.int32()), ("unit", pa.int32())]
+_HISTOGRAM = [("hist_bins", pa.list_(pa.int16())), ("hist_counts", pa.list_(pa.int64()))]
+
+RECORDS_PARTIAL = pa.schema([
+    *_UNIT_KEY,
+    ("count", pa.int64()),
+    ("mean", pa.float64()),
+    ("m2", pa.float64()),
+    ("m3", pa.float64()),
+    ("m4", pa.float64()),
+    ("min", pa.float32()),
+    ("max", pa.float32()),
+    ("n_positive", pa.int64()),
+    ("n_active", pa.int64()),
+    *_HISTOGRAM,
+])
+
+EXTREMES_PARTIAL = pa.schema([
+    *_UNIT_KEY,
+    ("kind", pa.string()),
+    ("value", pa.float32()),
+    ("context_id", pa.int64()),
+    ("position", pa.int32()),
+])
+
+RECORD_QUANTILES = ("p1", "p10", "p50", "p90", "p99", "p99_9", "p99_99")
+
+UNIT_RECORDS = pa.schema([
+    *_UNIT_KEY,
+    ("count", pa.int64()),
+    ("mean", pa.float64()),
+    ("var", pa.float64()),
+    ("skewness", pa.float64()),
+    ("kurtosis", pa.float64()),
+    ("min", pa.float32()),
+    ("max", pa.float32()),
+    ("frac_positive", pa.float64()),
+    ("frac_active", pa.float64()),
+    *[(name, pa.float64()) for name in RECORD_QUANTILES],
+    *_HISTOGRAM,
+])
+
+UNIT_EXAMPLES = pa.schema([
+    *_UNIT_KEY,
+    ("kind", pa.string()),
+    ("rank", pa.int32()),
+    ("value", pa.float32()),
+    ("context_id", pa.int64()),
+    ("document", pa.string()),
+    ("label", pa.string()),
+    ("position", pa.int32()),
+    ("token_id", pa.int32()),
+    ("token", pa.string()),
+    ("before", pa.string()),
+    ("after", pa.string()),
+])
+
+PEAK_TOKENS = pa.schema([
+    *_UNIT_KEY,
+    ("rank", pa.int32()),
+    ("token_id", pa.int32()),
+    ("token", pa.string()),
+    ("contexts", pa.int64()),
+    ("mean_value", pa.float64()),
+])

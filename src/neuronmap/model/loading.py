@@ -197,6 +197,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    """The prepared model's tokenizer alone (for commands that read tokens, not activations)."""
+    from transformers import AutoTokenizer
+    manifest = read_manifest(model_dir)
+    weights = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
+    return AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
 def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, device_map: str = "single", max_memory: dict | None = None,
                offload: str = "none"):

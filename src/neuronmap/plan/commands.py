@@ -30,14 +30,8 @@ def cmd_plan(args) -> None:
 
 def _tokenizer(model_dir, trust_remote_code: bool):
     """The prepared model's tokenizer, if there is one (else lengths are estimated)."""
-    if model_dir is None:
-        return None
-    from ..model.loading import read_manifest
-    from pathlib import Path
-    from transformers import AutoTokenizer
-    manifest = read_manifest(model_dir)
-    path = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    from ..model.loading import load_tokenizer
+    return None if model_dir is None else load_tokenizer(model_dir, trust_remote_code)
 
 
 def args_plan(p) -> None:

@@ -74,16 +74,6 @@ def atlas_units(expertise: Mapping[str, Path], units_per_relation: int) -> pl.Da
     ).sort("best_rank", *KEY)
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    """The run's tokenizer, to find each peak token's characters in its prompt."""
-    from transformers import AutoTokenizer
-
-    from ..model.loading import read_manifest
-    manifest = read_manifest(model_dir)
-    weights = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
-    return AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
-
-
 def _clean(token: str) -> str:
     # Byte-level BPE and SentencePiece spell a leading space as Ġ or ▁.
     return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip()

@@ -19,11 +19,11 @@ import polars as pl
 
 from .. import __version__
 from ..io.parquet import read_table, write_text
-from ..model.loading import read_manifest
+from ..model.loading import load_tokenizer, read_manifest
 from ..stats.expertise import top_ties
 from . import charts, data
 from .findings import findings
-from .atlas import build_atlas, load_tokenizer
+from .atlas import build_atlas
 from .page import Page, note, table, write_figures
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The corpus pass: every unit's records over real text (rules/corpus.smk)."""

@@ -1,0 +1,93 @@
+"""`neuronmap` subcommands of the corpus stage: contexts from a corpus, one shard's records,
+and the merge of every shard's records."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .settings import ContextsSettings, MergeSettings, RecordsSettings
+
+log = logging.getLogger("neuronmap")
+
+SETTINGS = {"corpus-contexts": ContextsSettings, "corpus-records": RecordsSettings, "corpus-merge": MergeSettings}
+
+
+def cmd_corpus_contexts(args) -> None:
+    """cut a corpus's documents into contexts of tokens, each with its shard"""
+    from ..io import tables
+    from ..io.parquet import write_table
+    from ..model.loading import load_tokenizer
+    from .contexts import cut_contexts
+    from .reading import read_documents
+    s = args.settings
+    documents = read_documents(s.path, s.text_column, s.label_column)
+    contexts = cut_contexts(load_tokenizer(args.model_dir), documents, s.context_tokens, s.shards)
+    write_table(contexts, args.out, tables.CONTEXTS)
+    labels = contexts.group_by("label").agg(contexts=__import__("polars").len()).sort("label")
+    log.info("%d documents, %d contexts, %d tokens; per label: %s", len(documents), contexts.height,
+             contexts["n_tokens"].sum(), ", ".join(f"{r['label'] or '-'}: {r['contexts']}" for r in labels.to_dicts()))
+
+
+def args_corpus_contexts(p) -> None:
+    p.add_argument("--model-dir", required=True, help="directory written by prepare-model (its tokenizer)")
+    p.add_argument("--out", required=True)
+
+
+def cmd_corpus_records(args) -> None:
+    """every unit's records over one shard's contexts, resumable from its checkpoint"""
+    import polars as pl
+
+    from ..errors import NeuronmapError
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from ..model.cost import counting_forwards, job_cost
+    from ..model.loading import load_for_job
+    from .engine import RecordsOutputs, RecordsPass
+    contexts = read_table(args.contexts)
+    shard = contexts.filter(pl.col("shard") == args.shard)
+    if shard.height == 0:
+        raise NeuronmapError(f"{args.contexts}: no contexts in shard {args.shard} (fewer documents than "
+                             "corpus.shards?)")
+    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
+    outputs = RecordsOutputs(Path(args.out_units), Path(args.out_extremes), Path(args.checkpoint))
+    records = RecordsPass(model, shard, args.settings, int(contexts["n_tokens"].max()), tokenizer.pad_token_id,
+                          args.threads or __import__("torch").get_num_threads())
+    with counting_forwards(model) as count:
+        records.run(outputs)
+    write_table(job_cost("corpus", f"shard-{args.shard}", shard.height, count), args.out_cost, tables.JOB_COST)
+
+
+def args_corpus_records(p) -> None:
+    p.add_argument("--model-dir", required=True, help="directory written by prepare-model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the records (0 = torch's default)")
+    p.add_argument("--contexts", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out-units", required=True)
+    p.add_argument("--out-extremes", required=True)
+    p.add_argument("--out-cost", required=True)
+    p.add_argument("--checkpoint", required=True, help="where the running records are saved (and resumed from)")
+
+
+def cmd_corpus_merge(args) -> None:
+    """merge the shards' records: units, examples and peak tokens, one row group per layer"""
+    from ..io.parquet import read_table
+    from ..model.loading import load_tokenizer
+    from .merge import merge_records
+    contexts = read_table(args.contexts, ["context_id", "document", "label", "token_ids"])
+    merge_records([Path(p) for p in args.units], [Path(p) for p in args.extremes], contexts,
+                  load_tokenizer(args.model_dir), args.settings,
+                  {"units": Path(args.out_units), "examples": Path(args.out_examples),
+                   "peak_tokens": Path(args.out_peak_tokens)})
+
+
+def args_corpus_merge(p) -> None:
+    p.add_argument("--model-dir", required=True, help="directory written by prepare-model (its tokenizer)")
+    p.add_argument("--contexts", required=True)
+    p.add_argument("--units", nargs="+", required=True)
+    p.add_argument("--extremes", nargs="+", required=True)
+    p.add_argument("--out-units", required=True)
+    p.add_argument("--out-examples", required=True)
+    p.add_argument("--out-peak-tokens", required=True)

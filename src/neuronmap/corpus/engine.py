@@ -1,0 +1,207 @@
+"""The corpus records pass: one shard's contexts through the model, every site of every layer
+read in the same forward pass and folded into its running records (reductions.py) at once, so
+memory holds one batch's activations and the records, never the corpus.
+
+Every batch has the same shape (batch_size contexts padded to context_tokens), so the first
+batch shows whether memory suffices and the allocator reuses the same buffers batch after
+batch. Every `checkpoint_minutes` the running records are saved (atomically, beside the
+outputs): a killed job restarts from there and ends with the records an uninterrupted run
+gives, since the remaining batches are the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ..errors import NeuronmapError
+from ..io import tables
+from ..io.parquet import atomic_path, write_row_groups
+from ..model.architectures import MlpSites
+from ..model.batching import is_out_of_memory
+from ..model.dispatch import input_device, site_device
+from .histogram import to_lists
+from .reductions import SiteRecords, key_contexts, key_values
+from .settings import RecordsSettings
+
+log = logging.getLogger(__name__)
+
+# A shard's histogram counts are int32 on the CPU; the merge adds them as int64.
+MAX_SHARD_TOKENS = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class RecordsOutputs:
+    units: Path        # tables.RECORDS_PARTIAL, one row group per layer
+    extremes: Path     # tables.EXTREMES_PARTIAL, one row group per layer
+    checkpoint: Path   # the running records while the job runs
+
+
+class RecordsPass:
+    def __init__(self, model, contexts: pl.DataFrame, settings: RecordsSettings, context_tokens: int,
+                 pad_token_id: int | None, threads: int = 1):
+        self.model, self.settings, self.context_tokens = model, settings, context_tokens
+        self.pad = pad_token_id if pad_token_id is not None else 0
+        self.contexts = contexts.sort("context_id")
+        if int(self.contexts["n_tokens"].sum()) > MAX_SHARD_TOKENS:
+            raise NeuronmapError(f"a shard holds more than {MAX_SHARD_TOKENS} tokens: raise corpus.shards")
+        self.device = input_device(model)
+        self.sites = MlpSites(model)
+        self.sites.check(settings.sites)
+        # One pool for the whole pass: the kernel releases the GIL, so its threads split each batch by units.
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.records = {(site, layer): SiteRecords(self.sites.width(site), max(settings.peak_token_contexts, settings.examples),
+                                                   settings.examples, settings.active_threshold,
+                                                   site_device(self.sites, site, layer), self.pool)
+                        for layer in range(self.sites.n_layers) for site in settings.sites}
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tokens = 0
+
+    def batches(self) -> list[tuple[int, int]]:
+        size = self.settings.batch_size
+        return [(start, min(start + size, self.contexts.height)) for start in range(0, self.contexts.height, size)]
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must have been made from to be resumed: these settings, contexts and model."""
+        digest = hashlib.sha256(self.settings.to_json().encode())
+        digest.update(np.asarray(self.contexts["context_id"].to_numpy(), np.int64).tobytes())
+        digest.update(np.asarray(self.contexts["n_tokens"].to_numpy(), np.int64).tobytes())
+        digest.update(repr((self.context_tokens, self.model.config.to_json_string())).encode())
+        return digest.hexdigest()
+
+    def run(self, outputs: RecordsOutputs) -> int:
+        batches = self.batches()
+        done = self._resume(outputs.checkpoint)
+        last_save = time.monotonic()
+        token_ids = self.contexts["token_ids"].to_list()
+        context_ids = self.contexts["context_id"].to_numpy()
+        with self._installed(), self._threads(), torch.inference_mode():
+            progress = tqdm(total=len(batches), initial=done, desc=f"records {outputs.units.name}", unit="batch",
+                            mininterval=5)
+            for index in range(done, len(batches)):
+                start, stop = batches[index]
+                self._forward(token_ids[start:stop], context_ids[start:stop])
+                progress.update()
+                if time.monotonic() - last_save >= 60 * self.settings.checkpoint_minutes:
+                    self._save(outputs.checkpoint, index + 1)
+                    last_save = time.monotonic()
+            progress.close()
+        self.tokens = int(self.contexts["n_tokens"].sum())
+        write_row_groups(self._unit_parts(), outputs.units, tables.RECORDS_PARTIAL)
+        write_row_groups(self._extreme_parts(), outputs.extremes, tables.EXTREMES_PARTIAL)
+        outputs.checkpoint.unlink(missing_ok=True)
+        log.info("records of %d contexts (%d tokens) in %d batches", self.contexts.height, self.tokens, len(batches))
+        return self.tokens
+
+    def _forward(self, rows: list, contexts: np.ndarray) -> None:
+        ids = torch.full((len(rows), self.context_tokens), self.pad, dtype=torch.long)
+        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention = (torch.arange(self.context_tokens)[None, :] < lengths[:, None]).long()
+        self.batch = (lengths, torch.from_numpy(np.array(contexts, np.int64)))
+        try:
+            self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False,
+                       logits_to_keep=1)
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                # Records already hold part of this batch: a retry would count it twice. Every
+                # batch has this shape, so a smaller one is the fix, for the whole run.
+                raise NeuronmapError(f"out of memory on a batch of {len(rows)} contexts of {self.context_tokens} "
+                                     "tokens: lower corpus.batch_size") from None
+            raise
+
+    @contextlib.contextmanager
+    def _installed(self):
+        handles = []
+        try:
+            for (site, layer), records in self.records.items():
+                point = self.sites.point(site, layer)
+                handles.append(point.register(self._hook(records, point.is_input)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def _threads(self):
+        try:
+            yield
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+    def _hook(self, records: SiteRecords, is_input: bool):
+        def read(module, args, output=None):
+            x = args[0] if is_input else output
+            lengths, contexts = self.batch
+            if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
+                x = x.view(lengths.shape[0], self.context_tokens, -1)
+            records.add(x, lengths, contexts)
+        return read
+
+    def _save(self, path: Path, batches_done: int) -> None:
+        state = {"fingerprint": self.fingerprint(), "batches_done": batches_done,
+                 "records": {key: records.state() for key, records in self.records.items()}}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        log.info("checkpoint after %d batches: %s", batches_done, path)
+
+    def _resume(self, path: Path) -> int:
+        if not path.exists():
+            return 0
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a checkpoint is only ever replaced whole; anything else is not ours
+            log.warning("checkpoint %s unreadable (%s); starting the shard over", path, error)
+            return 0
+        if state.get("fingerprint") != self.fingerprint():
+            log.warning("checkpoint %s was made with other settings, contexts or model; starting the shard over", path)
+            return 0
+        for key, records in self.records.items():
+            records.load_state(state["records"][key])
+        log.info("resumed from %s after %d batches", path, state["batches_done"])
+        return int(state["batches_done"])
+
+    def _unit_parts(self):
+        for layer in range(self.sites.n_layers):
+            parts = []
+            for site in self.settings.sites:
+                r = self.records[(site, layer)]
+                bins, counts = to_lists(r.hist.cpu().numpy())
+                parts.append(pa.table({
+                    "site": [site] * r.width, "layer": np.full(r.width, layer, np.int32),
+                    "unit": np.arange(r.width, dtype=np.int32), "count": np.full(r.width, r.count, np.int64),
+                    "mean": r.mean.cpu().numpy(), "m2": r.m2.cpu().numpy(), "m3": r.m3.cpu().numpy(),
+                    "m4": r.m4.cpu().numpy(), "min": r.minimum.cpu().numpy(), "max": r.maximum.cpu().numpy(),
+                    "n_positive": r.n_positive.cpu().numpy(), "n_active": r.n_active.cpu().numpy(),
+                    "hist_bins": bins, "hist_counts": counts}))
+            yield pa.concat_tables([p.cast(tables.RECORDS_PARTIAL) for p in parts])
+
+    def _extreme_parts(self):
+        for layer in range(self.sites.n_layers):
+            parts = []
+            for site in self.settings.sites:
+                for kind, (keys, positions) in self.records[(site, layer)].extremes().items():
+                    slot, unit = np.nonzero(np.ones(tuple(keys.shape), bool))
+                    sign = 1.0 if kind == "top" else -1.0
+                    parts.append(pl.DataFrame({
+                        "site": [site] * len(unit), "layer": np.full(len(unit), layer, np.int32),
+                        "unit": unit.astype(np.int32), "kind": [kind] * len(unit),
+                        "value": (sign * key_values(keys)).numpy()[slot, unit],
+                        "context_id": key_contexts(keys).numpy()[slot, unit],
+                        "position": positions.numpy()[slot, unit]},
+                        schema={"site": pl.String, "layer": pl.Int32, "unit": pl.Int32, "kind": pl.String,
+                                "value": pl.Float32, "context_id": pl.Int64, "position": pl.Int32}))
+            yield pl.concat(parts).to_arrow()

@@ -1,0 +1,109 @@
+"""The mergeable histogram of every unit's values over the corpus, and quantiles read from it.
+
+Bins follow the float's own bits: a value's sign, its binary exponent and the top SUB_BITS bits
+of its mantissa. So each octave [2^e, 2^(e+1)) of |x| is cut into 2^SUB_BITS equal bins, for
+e from MIN_EXPONENT to MIN_EXPONENT + OCTAVES - 1; |x| < 2^MIN_EXPONENT falls in one zero bin,
+and the outermost bins on each side take everything beyond. Bin i (0..BINS-1) runs from the most
+negative values to the most positive; HALF is the zero bin. Counts are integers, so histograms
+add exactly across batches, shards and resumed jobs.
+
+Error bound of a quantile (`quantiles`): the estimate is the middle of the bin that holds the
+requested order statistic, clamped to the unit's exact [min, max], so it is within
+|q| / 2^(SUB_BITS+1) (6.25%) of the true quantile q for |q| >= 2^MIN_EXPONENT (1/256), and
+within 2^MIN_EXPONENT of it below that; beyond 2^(MIN_EXPONENT+OCTAVES) (4096) in magnitude the
+outermost bin gives only the bound [4096, max]. The true quantile is the lower order statistic:
+the ceil(q·count)-th smallest value (numpy's method="inverted_cdf").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Kept in step with the macros of records_kernel.c.
+SUB_BITS = 3
+MIN_EXPONENT = -8
+OCTAVES = 20
+HALF = OCTAVES << SUB_BITS
+BINS = 2 * HALF + 1
+RELATIVE_ERROR = 2.0 ** -(SUB_BITS + 1)
+ABSOLUTE_FLOOR = 2.0 ** MIN_EXPONENT
+
+QUANTILES = {"p1": 0.01, "p10": 0.10, "p50": 0.50, "p90": 0.90, "p99": 0.99, "p99_9": 0.999, "p99_99": 0.9999}
+
+
+def bins_of(x: torch.Tensor) -> torch.Tensor:
+    """The bin of each float32 value, as records_kernel.c computes it (int64, any device)."""
+    bits = x.float().contiguous().view(torch.int32).long()
+    magnitude = bits & 0x7FFFFFFF
+    code = (magnitude >> (23 - SUB_BITS)) - ((127 + MIN_EXPONENT) << SUB_BITS)
+    code = code.clamp(max=HALF - 1)
+    signed = torch.where(bits < 0, HALF - 1 - code, HALF + 1 + code)
+    return torch.where(code < 0, torch.full_like(code, HALF), signed)
+
+
+def _magnitude_edges() -> tuple[np.ndarray, np.ndarray]:
+    code = np.arange(HALF)
+    step = 2.0 ** (MIN_EXPONENT + code // (1 << SUB_BITS))
+    lower = step * (1 + (code % (1 << SUB_BITS)) / (1 << SUB_BITS))
+    upper = lower + step / (1 << SUB_BITS)
+    upper[-1] = np.inf
+    return lower, upper
+
+
+def bin_edges() -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper edge of each bin ([BINS] each; the outermost are infinite)."""
+    lower, upper = _magnitude_edges()
+    low = np.concatenate([-upper[::-1], [-ABSOLUTE_FLOOR], lower])
+    high = np.concatenate([-lower[::-1], [ABSOLUTE_FLOOR], upper])
+    return low, high
+
+
+def bin_middles() -> np.ndarray:
+    low, high = bin_edges()
+    middle = (low + high) / 2
+    middle[HALF] = 0.0
+    return middle
+
+
+def quantiles(counts: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, qs) -> np.ndarray:
+    """[units, len(qs)] quantile estimates from dense [units, BINS] counts (see the bound above)."""
+    cumulative = np.cumsum(counts, axis=1)
+    total = cumulative[:, -1]
+    low, high = bin_edges()
+    middle = bin_middles()
+    out = np.empty((counts.shape[0], len(qs)))
+    for column, q in enumerate(qs):
+        rank = np.clip(np.ceil(q * total), 1, np.maximum(total, 1))
+        index = (cumulative >= rank[:, None]).argmax(axis=1)
+        estimate = middle[index]
+        # The outermost bins are unbounded: the exact extreme is the best estimate there.
+        estimate = np.where(index == BINS - 1, np.maximum(maximum, low[-1]), estimate)
+        estimate = np.where(index == 0, np.minimum(minimum, high[0]), estimate)
+        out[:, column] = np.clip(estimate, minimum, maximum)
+    out[total == 0] = np.nan
+    return out
+
+
+def to_lists(counts: np.ndarray):
+    """Dense [units, BINS] counts as two Arrow list arrays: each unit's non-empty bins and their
+    counts (tables.RECORDS_PARTIAL's hist_bins and hist_counts)."""
+    import pyarrow as pa
+    unit, index = np.nonzero(counts)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(unit, minlength=counts.shape[0]))]).astype(np.int32)
+    return (pa.ListArray.from_arrays(offsets, pa.array(index.astype(np.int16))),
+            pa.ListArray.from_arrays(offsets, pa.array(counts[unit, index].astype(np.int64))))
+
+
+def from_lists(bins, counts) -> np.ndarray:
+    """The dense [units, BINS] int64 counts of two Arrow (or polars) list columns."""
+    import pyarrow as pa
+    bins, counts = (pa.array(c.to_arrow() if hasattr(c, "to_arrow") else c) for c in (bins, counts))
+    if isinstance(bins, pa.ChunkedArray):
+        bins, counts = bins.combine_chunks(), counts.combine_chunks()
+    lengths = np.diff(np.asarray(bins.offsets))
+    unit = np.repeat(np.arange(len(bins)), lengths)
+    # Each (unit, bin) appears once per list, so a plain assignment places every count.
+    out = np.zeros((len(bins), BINS), np.int64)
+    out[unit, np.asarray(bins.flatten(), np.int64)] = np.asarray(counts.flatten(), np.int64)
+    return out

@@ -1,0 +1,179 @@
+"""Running records of one (site, layer) over every token: moments to the fourth (Pebay's
+pairwise update, exact in exact arithmetic whatever the grouping), firing counts, the extremes,
+the histogram of histogram.py, and the contexts with the highest and lowest peaks.
+
+On the CPU the per-token work is one call of the compiled kernel (native.py) per column range,
+on threads; elsewhere (a GPU), or without a compiler, the same records come from torch code.
+Top and bottom contexts are kept as int64 keys that order by value and then by context id, so
+a running top-k keeps exactly the contexts a global sort would, whatever the shards and batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from . import native
+from .histogram import BINS, bins_of
+
+STATE = ("mean", "m2", "m3", "m4", "n_positive", "n_active", "minimum", "maximum", "hist",
+         "top_keys", "top_positions", "bottom_keys", "bottom_positions")
+SCALARS = ("count", "rows")
+
+
+def order_key(values: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is (value, then lower context id first): the float's bits made
+    monotone in the high 32 bits, the complement of the context id in the low 32."""
+    bits = values.float().contiguous().view(torch.int32).long()
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (monotone << 32) | (0xFFFFFFFF - contexts.long())
+
+
+def key_values(keys: torch.Tensor) -> torch.Tensor:
+    monotone = (keys >> 32).int()
+    bits = torch.where(monotone < 0, monotone ^ 0x7FFFFFFF, monotone)
+    return bits.view(torch.float32)
+
+
+def key_contexts(keys: torch.Tensor) -> torch.Tensor:
+    return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+class SiteRecords:
+    """Records of `width` units, on `device`; `add` takes one batch of activations."""
+
+    def __init__(self, width: int, top: int, bottom: int, threshold: float, device: torch.device,
+                 pool: ThreadPoolExecutor | None = None):
+        self.width, self.top, self.bottom, self.threshold = width, top, bottom, threshold
+        self.device, self.pool = torch.device(device), pool
+        self.threads = pool._max_workers if pool is not None else 1
+        self.count = 0   # tokens seen
+        self.rows = 0    # contexts seen
+        cpu = self.device.type == "cpu"
+        zeros = lambda dtype, *shape: torch.zeros(*shape, width, dtype=dtype, device=self.device)
+        self.mean, self.m2, self.m3, self.m4 = (zeros(torch.float64) for _ in range(4))
+        self.n_positive, self.n_active = zeros(torch.int64), zeros(torch.int64)
+        self.minimum = torch.full((width,), float("inf"), device=self.device)
+        self.maximum = torch.full((width,), float("-inf"), device=self.device)
+        # Per shard a count fits int32 (the job checks its tokens); merged counts are int64.
+        self.hist = torch.zeros(width, BINS, dtype=torch.int32 if cpu else torch.int64, device=self.device)
+        self.kernel = native.load() if cpu else None
+        # The kernel keeps each unit's best contexts in a heap of fixed size; torch, sorted rows
+        # that grow to that size. Either way `extremes()` gives the kept ones, best first.
+        slots = (lambda k: k) if self.kernel is not None else (lambda k: 0)
+        self.top_keys = torch.zeros(slots(top), width, dtype=torch.int64, device=self.device)
+        self.top_positions = torch.zeros(slots(top), width, dtype=torch.int32, device=self.device)
+        self.bottom_keys = torch.zeros(slots(bottom), width, dtype=torch.int64, device=self.device)
+        self.bottom_positions = torch.zeros(slots(bottom), width, dtype=torch.int32, device=self.device)
+
+    def add(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor) -> None:
+        """x [rows, T, width] activations of a right-padded batch; lengths [rows] valid tokens
+        (0 for a filler row); contexts [rows] their context ids."""
+        if self.kernel is not None:
+            self._add_native(x.detach().to("cpu", torch.float32).contiguous(), lengths, contexts)
+            return
+        row_max, row_argmax, row_min, row_argmin = self._add_torch(x.float(), lengths.to(x.device))
+        real = (lengths > 0).to(row_max.device)
+        contexts = contexts.to(row_max.device)[real][:, None].expand(-1, self.width)
+        row_max, row_min = row_max[real], row_min[real]
+        self.top_keys, self.top_positions = _keep_highest(
+            self.top_keys, self.top_positions, order_key(row_max, contexts), row_argmax[real], self.top)
+        self.bottom_keys, self.bottom_positions = _keep_highest(
+            self.bottom_keys, self.bottom_positions, order_key(-row_min, contexts), row_argmin[real], self.bottom)
+        self.rows += int(real.sum())
+
+    def extremes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (keys, positions) [kept, width] on the CPU, best first."""
+        out = {}
+        for kind, keys, positions, cap in (("top", self.top_keys, self.top_positions, self.top),
+                                           ("bottom", self.bottom_keys, self.bottom_positions, self.bottom)):
+            kept = min(self.rows, cap)
+            keys, positions = keys[:kept].cpu(), positions[:kept].cpu()
+            keys, order = torch.sort(keys, dim=0, descending=True)
+            out[kind] = (keys, positions.gather(0, order))
+        return out
+
+    def _add_native(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor) -> None:
+        rows, T, n = x.shape
+        lengths = lengths.to(torch.int64).contiguous()
+        contexts = contexts.to(torch.int64).contiguous()
+        scratch_rows = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.int32),
+                        torch.empty(rows, n), torch.empty(rows, n, dtype=torch.int32))
+        step = -(-n // self.threads)
+        step = -(-step // 16) * 16  # whole cache lines per thread
+        ranges = [(j, min(j + step, n)) for j in range(0, n, step)]
+        state = [self.mean, self.m2, self.m3, self.m4, self.n_positive, self.n_active, self.minimum,
+                 self.maximum, self.hist, *scratch_rows]
+        pointers = [t.data_ptr() for t in state]
+        heaps = (self.top_keys.data_ptr(), self.top_positions.data_ptr(), self.top,
+                 self.bottom_keys.data_ptr(), self.bottom_positions.data_ptr(), self.bottom)
+
+        def run(bounds):
+            j0, j1 = bounds
+            scratch = np.empty(6 * (j1 - j0))  # four sums, the shift, then two int32 counts per unit
+            self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), j0, j1, self.count,
+                                       ctypes.c_float(self.threshold), *pointers, scratch.ctypes.data,
+                                       contexts.data_ptr(), self.rows, *heaps)
+        if len(ranges) == 1:
+            run(ranges[0])
+        else:
+            list(self.pool.map(run, ranges))
+        self.count += int(lengths.sum())
+        self.rows += int((lengths > 0).sum())
+
+    def _add_torch(self, x: torch.Tensor, lengths: torch.Tensor):
+        rows, T, _ = x.shape
+        valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]
+        n_b = int(lengths.sum())
+        masked = torch.where(valid, x, 0.0).double()
+        batch_mean = masked.sum((0, 1)) / n_b
+        d = torch.where(valid, x.double() - batch_mean, 0.0)
+        d2 = d * d
+        c2, c3, c4 = d2.sum((0, 1)), (d2 * d).sum((0, 1)), (d2 * d2).sum((0, 1))
+        self._merge_moments(n_b, batch_mean, c2, c3, c4)
+        self.n_positive += ((x > 0) & valid).sum((0, 1))
+        self.n_active += ((x.abs() > self.threshold) & valid).sum((0, 1))
+        index = bins_of(x) + torch.arange(self.width, device=x.device) * BINS
+        flat = self.hist.view(-1)
+        flat.index_add_(0, index[valid.expand_as(x)], torch.ones(1, dtype=flat.dtype, device=x.device)
+                        .expand(int(valid.sum()) * self.width))
+        row_max, row_argmax = torch.where(valid, x, float("-inf")).max(1)
+        row_min, row_argmin = torch.where(valid, x, float("inf")).min(1)
+        real = lengths > 0
+        if bool(real.any()):
+            torch.maximum(self.maximum, row_max[real].amax(0), out=self.maximum)
+            torch.minimum(self.minimum, row_min[real].amin(0), out=self.minimum)
+        self.count += n_b
+        return row_max, row_argmax.int(), row_min, row_argmin.int()
+
+    def _merge_moments(self, n_b: int, mean_b, c2, c3, c4) -> None:
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        d2 = delta * delta
+        m2, m3 = self.m2.clone(), self.m3.clone()
+        self.m4 += (c4 + d2 * d2 * n_a * n_b * (n_a * n_a - n_a * n_b + n_b * n_b) / n ** 3
+                    + 6 * d2 * (n_a * n_a * c2 + n_b * n_b * m2) / n ** 2 + 4 * delta * (n_a * c3 - n_b * m3) / n)
+        self.m3 += c3 + d2 * delta * n_a * n_b * (n_a - n_b) / n ** 2 + 3 * delta * (n_a * c2 - n_b * m2) / n
+        self.m2 += c2 + d2 * n_a * n_b / n
+        self.mean += delta * n_b / n
+
+    def state(self) -> dict[str, torch.Tensor | int]:
+        return {**{name: getattr(self, name) for name in SCALARS}, **{name: getattr(self, name).cpu() for name in STATE}}
+
+    def load_state(self, state: dict) -> None:
+        for name in SCALARS:
+            setattr(self, name, int(state[name]))
+        for name in STATE:
+            setattr(self, name, state[name].to(self.device))
+
+
+def _keep_highest(keys, positions, new_keys, new_positions, k: int):
+    if k == 0:
+        return keys, positions
+    keys = torch.cat([keys, new_keys])
+    positions = torch.cat([positions, new_positions.to(positions.dtype)])
+    best, order = torch.topk(keys, min(k, keys.shape[0]), dim=0)
+    return best, positions.gather(0, order)

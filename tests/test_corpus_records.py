@@ -1,0 +1,336 @@
+"""The corpus pass against brute force: records of real text on the embedded model equal what
+numpy and scipy compute from every activation held in memory; shards and resumed jobs give the
+same records as one uninterrupted job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.stats
+import torch
+
+from neuronmap.corpus.contexts import cut_contexts
+from neuronmap.corpus.engine import RecordsOutputs, RecordsPass
+from neuronmap.corpus.histogram import (ABSOLUTE_FLOOR, BINS, HALF, MIN_EXPONENT, OCTAVES, QUANTILES,
+                                        RELATIVE_ERROR, SUB_BITS, bins_of, from_lists)
+from neuronmap.corpus.merge import merge_records
+from neuronmap.corpus.reading import Document, read_documents
+from neuronmap.corpus.reductions import SiteRecords
+from neuronmap.corpus.settings import MergeSettings, RecordsSettings
+from neuronmap.errors import NeuronmapError
+from neuronmap.io import tables
+from neuronmap.model.architectures import MlpSites
+
+from conftest import REPO
+
+CORPUS = REPO / "data" / "corpus" / "fortunes"
+CONTEXT_TOKENS = 16
+CHECKED_LAYERS = (0, 13, 29)
+
+
+@pytest.fixture(scope="module")
+def contexts(smollm2):
+    _, tokenizer = smollm2
+    documents = read_documents(CORPUS)
+    picked = [d for label in ("de", "en", "es", "it") for d in documents if d.label == label][::97]
+    return cut_contexts(tokenizer, picked, CONTEXT_TOKENS, 5)
+
+
+def run_shards(model, tokenizer, contexts, tmp_path, shards, tag, **changes):
+    """Records of `contexts` as `shards` jobs would make them, merged."""
+    settings = RecordsSettings.defaults(batch_size=3, **changes)
+    contexts = contexts.with_columns(shard=pl.col("context_id") % shards if shards != 5 else pl.col("shard"))
+    units, extremes = [], []
+    for shard in range(shards):
+        part = contexts.filter(pl.col("shard") == shard)
+        outputs = RecordsOutputs(tmp_path / f"{tag}-{shard}.units.parquet", tmp_path / f"{tag}-{shard}.ext.parquet",
+                                 tmp_path / f"{tag}-{shard}.ckpt")
+        RecordsPass(model, part, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, threads=2).run(outputs)
+        units.append(outputs.units)
+        extremes.append(outputs.extremes)
+    merged = {name: tmp_path / f"{tag}.{name}.parquet" for name in ("units", "examples", "peak_tokens")}
+    merge_records(units, extremes, contexts, tokenizer, MergeSettings.defaults(examples=4, window=3, peak_tokens=3,
+                                                                               peak_token_contexts=6), merged)
+    return {name: pl.read_parquet(path) for name, path in merged.items()}
+
+
+@pytest.fixture(scope="module")
+def merged(smollm2, contexts, tmp_path_factory):
+    model, tokenizer = smollm2
+    return run_shards(model, tokenizer, contexts, tmp_path_factory.mktemp("records"), 1, "one",
+                      examples=4, peak_token_contexts=6)
+
+
+@pytest.fixture(scope="module")
+def activations(smollm2, contexts):
+    """Every activation of the checked layers: {(site, layer): [contexts, T, n]} and the valid mask,
+    from plain hooks on the same padded batches."""
+    model, tokenizer = smollm2
+    sites = MlpSites(model)
+    seen, handles = {}, []
+    for site in ("gate", "up", "act", "down"):
+        for layer in CHECKED_LAYERS:
+            point = sites.point(site, layer)
+            def keep(module, args, output=None, key=(site, layer), is_input=point.is_input):
+                seen.setdefault(key, []).append((args[0] if is_input else output).float().clone())
+            handles.append(point.register(keep))
+    rows = contexts.sort("context_id")["token_ids"].to_list()
+    lengths = np.array([len(r) for r in rows])
+    try:
+        for start in range(0, len(rows), 3):
+            batch = rows[start:start + 3]
+            ids = torch.full((len(batch), CONTEXT_TOKENS), tokenizer.pad_token_id)
+            for i, row in enumerate(batch):
+                ids[i, :len(row)] = torch.tensor(row)
+            mask = (torch.arange(CONTEXT_TOKENS)[None] < torch.tensor([len(r) for r in batch])[:, None]).long()
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    valid = np.arange(CONTEXT_TOKENS)[None] < lengths[:, None]
+    return {key: torch.cat(parts).numpy() for key, parts in seen.items()}, valid
+
+
+def reference_bins(values: np.ndarray) -> np.ndarray:
+    """The histogram layout of histogram.py computed from frexp, independently of the bit trick."""
+    magnitude = np.abs(values.astype(np.float64))
+    mantissa, exponent = np.frexp(magnitude)  # magnitude = mantissa * 2**exponent, mantissa in [0.5, 1)
+    octave = exponent - 1 - MIN_EXPONENT
+    sub = np.floor((mantissa * 2 - 1) * (1 << SUB_BITS)).astype(np.int64)
+    code = np.minimum(octave * (1 << SUB_BITS) + sub, HALF - 1)
+    out = np.where(values < 0, HALF - 1 - code, HALF + 1 + code)
+    return np.where(magnitude < 2.0 ** MIN_EXPONENT, HALF, out)
+
+
+def test_bins_follow_the_documented_layout():
+    values = np.array([0, 1e-9, -1e-9, 2 ** -8, -2 ** -8, 0.5, -0.5, 1.0, 1.124, 1.125, 3.3, -3.3, 4095.0,
+                       4096.0, 1e30, -1e30], np.float32)
+    values = np.concatenate([values, np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 5])
+    assert np.array_equal(bins_of(torch.from_numpy(values)).numpy(), reference_bins(values))
+    assert BINS == 2 * OCTAVES * (1 << SUB_BITS) + 1
+
+
+def test_unit_records_equal_brute_force(merged, activations):
+    acts, valid = activations
+    units = merged["units"]
+    for (site, layer), x in acts.items():
+        values = x[valid]  # [tokens, n]
+        got = units.filter((pl.col("site") == site) & (pl.col("layer") == layer)).sort("unit")
+        n = values.shape[0]
+        assert (got["count"] == n).all()
+        v64 = values.astype(np.float64)
+        np.testing.assert_allclose(got["mean"], v64.mean(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["var"], v64.var(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["skewness"], scipy.stats.skew(v64, axis=0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got["kurtosis"], scipy.stats.kurtosis(v64, axis=0), rtol=1e-6, atol=1e-9)
+        assert np.array_equal(got["min"].to_numpy(), values.min(0))
+        assert np.array_equal(got["max"].to_numpy(), values.max(0))
+        assert np.array_equal(got["frac_positive"].to_numpy(), (values > 0).sum(0) / n)
+        assert np.array_equal(got["frac_active"].to_numpy(), (np.abs(values) > 0.05).sum(0) / n)
+        # Histograms: exact integer counts in the independently computed bins.
+        expected = np.zeros((values.shape[1], BINS), np.int64)
+        np.add.at(expected, (np.broadcast_to(np.arange(values.shape[1]), values.shape), reference_bins(values)), 1)
+        assert np.array_equal(from_lists(got["hist_bins"], got["hist_counts"]), expected)
+        # Quantiles within the documented bound of the lower order statistic.
+        for name, q in QUANTILES.items():
+            truth = np.quantile(v64, q, axis=0, method="inverted_cdf")
+            bound = np.maximum(RELATIVE_ERROR * np.abs(truth), ABSOLUTE_FLOOR) + 1e-12
+            assert (np.abs(got[name].to_numpy() - truth) <= bound).all(), (site, layer, name)
+
+
+def test_examples_and_peak_tokens_equal_brute_force(merged, activations, contexts):
+    acts, valid = activations
+    order = contexts.sort("context_id")
+    token_ids = order["token_ids"].to_list()
+    examples, peaks = merged["examples"], merged["peak_tokens"]
+    for (site, layer), x in acts.items():
+        masked_high = np.where(valid[..., None], x, -np.inf)
+        masked_low = np.where(valid[..., None], x, np.inf)
+        for unit in (0, 7, x.shape[2] - 1):
+            got = examples.filter((pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == unit))
+            for kind, peaks_of, sign in (("top", masked_high[:, :, unit], -1), ("bottom", masked_low[:, :, unit], 1)):
+                best = peaks_of.max(1) if kind == "top" else peaks_of.min(1)
+                position = peaks_of.argmax(1) if kind == "top" else peaks_of.argmin(1)
+                ranked = sorted(range(len(best)), key=lambda c: (sign * best[c], c))[:4]
+                rows = got.filter(pl.col("kind") == kind).sort("rank")
+                assert rows["context_id"].to_list() == ranked
+                assert rows["position"].to_list() == [int(position[c]) for c in ranked]
+                np.testing.assert_array_equal(rows["value"].to_numpy(), best[ranked].astype(np.float32))
+                assert rows["token_id"].to_list() == [token_ids[c][position[c]] for c in ranked]
+            top6 = sorted(range(len(x)), key=lambda c: (-masked_high[c, :, unit].max(), c))[:6]
+            counted = {}
+            for c in top6:
+                token = token_ids[c][int(masked_high[c, :, unit].argmax())]
+                counted[token] = counted.get(token, 0) + 1
+            got_peaks = peaks.filter((pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == unit))
+            assert dict(zip(got_peaks["token_id"], got_peaks["contexts"])) == \
+                {t: c for t, c in counted.items() if t in set(got_peaks["token_id"])}
+            assert got_peaks["contexts"].to_list() == sorted(counted.values(), reverse=True)[:3]
+
+
+def test_schemas(merged):
+    for name, schema in (("units", tables.UNIT_RECORDS), ("examples", tables.UNIT_EXAMPLES),
+                         ("peak_tokens", tables.PEAK_TOKENS)):
+        assert merged[name].to_arrow().schema.equals(schema, check_metadata=False) or \
+            merged[name].to_arrow().cast(schema).schema.names == schema.names
+
+
+def test_torch_path_equals_the_native_kernel():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy((rng.standard_normal((5, 7, 40)) * rng.choice([0.001, 1, 300], (5, 7, 40))).astype(np.float32))
+    lengths = torch.tensor([7, 3, 0, 5, 1])
+    records = [SiteRecords(40, 3, 2, 0.05, torch.device("cpu")) for _ in range(2)]
+    records[1].kernel = None
+    assert records[0].kernel is not None, "the C kernel did not build"
+    for r in records:
+        for step in range(3):
+            r.add(x * (step + 1), lengths, torch.arange(5) + 10 * step)
+    native, plain = (r.state() for r in records)
+    for name in ("n_positive", "n_active", "minimum", "maximum", "count", "rows"):
+        assert torch.equal(torch.as_tensor(native[name]), torch.as_tensor(plain[name])), name
+    assert torch.equal(native["hist"].long(), plain["hist"].long())
+    for name in ("mean", "m2", "m3", "m4"):
+        torch.testing.assert_close(native[name], plain[name], rtol=1e-9, atol=1e-9)
+    for kind, (keys, positions) in records[0].extremes().items():
+        other_keys, other_positions = records[1].extremes()[kind]
+        assert torch.equal(keys, other_keys) and torch.equal(positions, other_positions), kind
+        assert keys.shape[0] == (3 if kind == "top" else 2)
+
+
+def test_shards_give_identical_records(smollm2, contexts, tmp_path):
+    model, tokenizer = smollm2
+    records = {shards: run_shards(model, tokenizer, contexts, tmp_path, shards, f"s{shards}", examples=4,
+                                  peak_token_contexts=6, sites=("gate", "act"))
+               for shards in (1, 2, 5)}
+    assert_same_records(records[1], records[2])
+    assert_same_records(records[1], records[5])
+
+
+def assert_same_records(a, b):
+    for name in ("examples", "peak_tokens"):
+        assert a[name].equals(b[name]), name
+    floats = ["mean", "var", "skewness", "kurtosis"]
+    exact = [c for c in a["units"].columns if c not in floats]
+    assert a["units"].select(exact).equals(b["units"].select(exact))
+    for column in floats:
+        np.testing.assert_allclose(a["units"][column], b["units"][column], rtol=1e-9, atol=1e-12)
+
+
+def test_an_interrupted_job_resumes_to_the_same_records(smollm2, contexts, tmp_path, monkeypatch):
+    model, tokenizer = smollm2
+    shard = contexts.filter(pl.col("shard") == 0)
+    settings = RecordsSettings.defaults(batch_size=2, checkpoint_minutes=0, sites=("act",))
+    whole = RecordsOutputs(tmp_path / "w.units.parquet", tmp_path / "w.ext.parquet", tmp_path / "w.ckpt")
+    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(whole)
+    resumed = RecordsOutputs(tmp_path / "r.units.parquet", tmp_path / "r.ext.parquet", tmp_path / "r.ckpt")
+    forward, calls = RecordsPass._forward, []
+
+    def dies_at_the_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it: mid-run, outputs not written
+        return forward(self, *args)
+    monkeypatch.setattr(RecordsPass, "_forward", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(resumed)
+    monkeypatch.setattr(RecordsPass, "_forward", forward)
+    assert resumed.checkpoint.exists() and not resumed.units.exists()
+    assert torch.load(resumed.checkpoint, weights_only=True)["batches_done"] == 2
+    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(resumed)
+    assert not resumed.checkpoint.exists()
+    for a, b in ((whole.units, resumed.units), (whole.extremes, resumed.extremes)):
+        assert pl.read_parquet(a).equals(pl.read_parquet(b))
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(smollm2, contexts, tmp_path):
+    model, tokenizer = smollm2
+    shard = contexts.filter(pl.col("shard") == 1)
+    outputs = RecordsOutputs(tmp_path / "u.parquet", tmp_path / "e.parquet", tmp_path / "c.ckpt")
+    first = RecordsPass(model, shard, RecordsSettings.defaults(batch_size=2), CONTEXT_TOKENS, tokenizer.pad_token_id)
+    first._save(outputs.checkpoint, 1)
+    other = RecordsPass(model, shard, RecordsSettings.defaults(batch_size=3), CONTEXT_TOKENS, tokenizer.pad_token_id)
+    assert other._resume(outputs.checkpoint) == 0
+    assert first._resume(outputs.checkpoint) == 1
+
+
+def test_killed_records_job_resumes_to_the_same_records(smollm2_dir, contexts, tmp_path):
+    """A real SIGKILL of `neuronmap corpus-records`, then the same command again."""
+    contexts_path = tmp_path / "contexts.parquet"
+    contexts.write_parquet(contexts_path)
+    settings = RecordsSettings.defaults(batch_size=1, checkpoint_minutes=0, sites=("act",)).to_json()
+
+    def command(tag):
+        return [sys.executable, "-m", "neuronmap", "corpus-records", "--settings", settings, "--model-dir",
+                str(smollm2_dir), "--contexts", str(contexts_path), "--shard", "0", "--threads", "1",
+                "--out-units", str(tmp_path / f"{tag}.units.parquet"),
+                "--out-extremes", str(tmp_path / f"{tag}.ext.parquet"),
+                "--out-cost", str(tmp_path / f"{tag}.cost.parquet"), "--checkpoint", str(tmp_path / f"{tag}.ckpt")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(command("whole"), check=True, env=env, capture_output=True)
+    job = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed.ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert (tmp_path / "killed.ckpt").exists(), "the job ended before its first checkpoint"
+    assert not (tmp_path / "killed.units.parquet").exists()
+    resumed = subprocess.run(command("killed"), check=True, env=env, capture_output=True, text=True)
+    assert "resumed from" in resumed.stderr
+    for suffix in ("units", "ext"):
+        assert pl.read_parquet(tmp_path / f"whole.{suffix}.parquet").equals(
+            pl.read_parquet(tmp_path / f"killed.{suffix}.parquet"))
+
+
+def test_reading_formats_and_labels(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "fr.txt").write_text("Premier document.\n\nSecond\ndocument.\n \n\nTroisième.", encoding="utf-8")
+    (folder / "de.jsonl").write_text(json.dumps({"text": "Ein Satz."}) + "\n\n" + json.dumps({"text": "Noch."}))
+    pl.DataFrame({"text": ["one", "two"], "topic": ["a", "b"]}).write_parquet(tmp_path / "topics.parquet")
+    documents = read_documents(folder)
+    assert [(d.label, d.text) for d in documents] == [
+        ("de", "Ein Satz."), ("de", "Noch."), ("fr", "Premier document."), ("fr", "Second\ndocument."),
+        ("fr", "Troisième.")]
+    labelled = read_documents(tmp_path / "topics.parquet", label_column="topic")
+    assert [(d.label, d.text) for d in labelled] == [("a", "one"), ("b", "two")]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', "bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"body": "no text field"}\n', "bad.jsonl:1: no string field 'text'"),
+    ("bad.txt", b"\xff\xfe latin", "bad.txt: not UTF-8"),
+    ("bad.csv", "text\nx\n", "bad.csv: corpus file must be"),
+    ("bad.parquet", b"PAR1 truncated", "bad.parquet: not a readable Parquet file"),
+])
+def test_bad_corpus_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(NeuronmapError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        read_documents(path)
+
+
+def test_shards_stay_put_when_documents_are_added():
+    documents = [Document(f"f:{i}", "x", f"document number {i}") for i in range(200)]
+    before = {d.document: d.shard(7) for d in documents}
+    more = documents[:50] + [Document(f"g:{i}", "y", f"new {i}") for i in range(80)] + documents[50:]
+    assert all(before[d.document] == d.shard(7) for d in more if d.document in before)
+    assert len({d.shard(7) for d in documents}) == 7
+
+
+def test_contexts_never_span_documents(smollm2):
+    _, tokenizer = smollm2
+    documents = [Document("a:0", "en", "word " * 40), Document("a:1", "de", "Wort " * 5)]
+    contexts = cut_contexts(tokenizer, documents, 16, 3)
+    assert contexts["n_tokens"].max() <= 16
+    for document, group in contexts.group_by("document"):
+        ids = tokenizer(next(d.text for d in documents if d.document == document[0]))["input_ids"]
+        assert sum(group.sort("part")["token_ids"].to_list(), []) == ids
+    assert contexts["context_id"].to_list() == list(range(contexts.height))
