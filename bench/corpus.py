@@ -41,18 +41,13 @@ from neuronmap.corpus.engine import RecordsOutputs, RecordsPass  # noqa: E402
 from neuronmap.corpus.merge import merge_records  # noqa: E402
 from neuronmap.corpus.reading import read_documents  # noqa: E402
 from neuronmap.corpus.settings import MergeSettings, RecordsSettings  # noqa: E402
-from neuronmap.model.loading import load_model, load_tokenizer, prepare_model  # noqa: E402
+from neuronmap.model.loading import load_model  # noqa: E402
+
+from extract import high_water_mark_mb, model_dir  # noqa: E402  (bench/ is this script's folder)
 
 CORPUS = REPO / "data" / "corpus" / "fortunes"
 CONTEXT_TOKENS = 64
 SETTINGS = RecordsSettings.defaults(batch_size=32, checkpoint_minutes=60)
-
-
-def model_dir() -> Path:
-    path = REPO / "results" / "bench" / "model"
-    if not path.exists():
-        prepare_model("builtin:smollm2-135m-instruct", path)
-    return path
 
 
 def corpus_contexts(tokenizer, n: int, shards: int = 1) -> pl.DataFrame:
@@ -109,11 +104,6 @@ def time_records(model, contexts: pl.DataFrame, pad: int, workdir: Path, setting
     RecordsPass(model, contexts, settings, CONTEXT_TOKENS, pad, torch.get_num_threads()).run(outputs)
     synchronize(model)
     return time.perf_counter() - start
-
-
-def high_water_mark_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
 def rss_child(n: int) -> None:

@@ -45,11 +45,11 @@ def check_languages(config: dict) -> None:
 
 
 def check_corpus(config: dict) -> None:
-    """The corpus exists and every file of it reads (a bad line is named before any job starts)."""
+    """The corpus exists and holds only files neuronmap reads. Their contents are read by the
+    corpus_contexts job, which names a bad line: reading a large corpus at every parse would not do."""
     if config["corpus"]["path"]:
-        from ..corpus.reading import read_documents
-        corpus = config["corpus"]
-        read_documents(corpus["path"], corpus["text_column"], corpus["label_column"])
+        from ..corpus.reading import corpus_files
+        corpus_files(config["corpus"]["path"])
 
 
 def check_model(config: dict, prepared: str | Path | None = None) -> None:

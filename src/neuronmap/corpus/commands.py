@@ -16,6 +16,8 @@ SETTINGS = {"corpus-contexts": ContextsSettings, "corpus-records": RecordsSettin
 
 def cmd_corpus_contexts(args) -> None:
     """cut a corpus's documents into contexts of tokens, each with its shard"""
+    import polars as pl
+
     from ..io import tables
     from ..io.parquet import write_table
     from ..model.loading import load_tokenizer
@@ -25,7 +27,7 @@ def cmd_corpus_contexts(args) -> None:
     documents = read_documents(s.path, s.text_column, s.label_column)
     contexts = cut_contexts(load_tokenizer(args.model_dir), documents, s.context_tokens, s.shards)
     write_table(contexts, args.out, tables.CONTEXTS)
-    labels = contexts.group_by("label").agg(contexts=__import__("polars").len()).sort("label")
+    labels = contexts.group_by("label").agg(contexts=pl.len()).sort("label")
     log.info("%d documents, %d contexts, %d tokens; per label: %s", len(documents), contexts.height,
              contexts["n_tokens"].sum(), ", ".join(f"{r['label'] or '-'}: {r['contexts']}" for r in labels.to_dicts()))
 
@@ -38,6 +40,7 @@ def args_corpus_contexts(p) -> None:
 def cmd_corpus_records(args) -> None:
     """every unit's records over one shard's contexts, resumable from its checkpoint"""
     import polars as pl
+    import torch
 
     from ..errors import NeuronmapError
     from ..io import tables
@@ -54,7 +57,7 @@ def cmd_corpus_records(args) -> None:
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
     outputs = RecordsOutputs(Path(args.out_units), Path(args.out_extremes), Path(args.checkpoint))
     records = RecordsPass(model, shard, args.settings, int(contexts["n_tokens"].max()), tokenizer.pad_token_id,
-                          args.threads or __import__("torch").get_num_threads())
+                          args.threads or torch.get_num_threads())
     with counting_forwards(model) as count:
         records.run(outputs)
     write_table(job_cost("corpus", f"shard-{args.shard}", shard.height, count), args.out_cost, tables.JOB_COST)

@@ -194,14 +194,13 @@ class RecordsPass:
             parts = []
             for site in self.settings.sites:
                 for kind, (keys, positions) in self.records[(site, layer)].extremes().items():
-                    slot, unit = np.nonzero(np.ones(tuple(keys.shape), bool))
+                    kept, width = keys.shape
                     sign = 1.0 if kind == "top" else -1.0
                     parts.append(pl.DataFrame({
-                        "site": [site] * len(unit), "layer": np.full(len(unit), layer, np.int32),
-                        "unit": unit.astype(np.int32), "kind": [kind] * len(unit),
-                        "value": (sign * key_values(keys)).numpy()[slot, unit],
-                        "context_id": key_contexts(keys).numpy()[slot, unit],
-                        "position": positions.numpy()[slot, unit]},
+                        "site": [site] * keys.numel(), "layer": np.full(keys.numel(), layer, np.int32),
+                        "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": [kind] * keys.numel(),
+                        "value": (sign * key_values(keys)).numpy().ravel(),
+                        "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()},
                         schema={"site": pl.String, "layer": pl.Int32, "unit": pl.Int32, "kind": pl.String,
                                 "value": pl.Float32, "context_id": pl.Int64, "position": pl.Int32}))
             yield pl.concat(parts).to_arrow()

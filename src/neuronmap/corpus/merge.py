@@ -12,30 +12,23 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from ..errors import NeuronmapError
 from ..io import tables
 from ..io.parquet import open_parquet, read_row_group, write_row_groups
 from .histogram import QUANTILES, from_lists, quantiles, to_lists
+from .reductions import merge_moments
 
 KEYS = ["site", "layer", "unit"]
 
 
-def merge_moments(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
+def merge_partials(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
     """Two partial records of the same units (rows in the same order) as one."""
-    n_a, n_b = a["count"].to_numpy().astype(np.float64), b["count"].to_numpy().astype(np.float64)
-    n = n_a + n_b
-    safe = np.where(n > 0, n, 1)
-    mean_a, mean_b = a["mean"].to_numpy(), b["mean"].to_numpy()
-    m2a, m2b, m3a, m3b = a["m2"].to_numpy(), b["m2"].to_numpy(), a["m3"].to_numpy(), b["m3"].to_numpy()
-    delta = mean_b - mean_a
-    d2 = delta * delta
-    m4 = (a["m4"].to_numpy() + b["m4"].to_numpy() + d2 * d2 * n_a * n_b * (n_a * n_a - n_a * n_b + n_b * n_b) / safe ** 3
-          + 6 * d2 * (n_a * n_a * m2b + n_b * n_b * m2a) / safe ** 2 + 4 * delta * (n_a * m3b - n_b * m3a) / safe)
-    m3 = m3a + m3b + d2 * delta * n_a * n_b * (n_a - n_b) / safe ** 2 + 3 * delta * (n_a * m2b - n_b * m2a) / safe
-    m2 = m2a + m2b + d2 * n_a * n_b / safe
+    moments = ("mean", "m2", "m3", "m4")
+    mean, m2, m3, m4 = merge_moments(a["count"].to_numpy().astype(np.float64), [a[c].to_numpy() for c in moments],
+                                     b["count"].to_numpy().astype(np.float64), [b[c].to_numpy() for c in moments])
     bins, counts = to_lists(from_lists(a["hist_bins"], a["hist_counts"]) + from_lists(b["hist_bins"], b["hist_counts"]))
     return a.with_columns(
-        count=pl.Series(n.astype(np.int64)), mean=pl.Series(mean_a + delta * n_b / safe),
-        m2=pl.Series(m2), m3=pl.Series(m3), m4=pl.Series(m4),
+        count=a["count"] + b["count"], mean=pl.Series(mean), m2=pl.Series(m2), m3=pl.Series(m3), m4=pl.Series(m4),
         min=pl.min_horizontal(a["min"], b["min"]), max=pl.max_horizontal(a["max"], b["max"]),
         n_positive=a["n_positive"] + b["n_positive"], n_active=a["n_active"] + b["n_active"],
         hist_bins=pl.from_arrow(bins), hist_counts=pl.from_arrow(counts))
@@ -47,8 +40,9 @@ def unit_records(partials: Sequence[pl.DataFrame]) -> pl.DataFrame:
     for other in partials[1:]:
         other = other.sort(KEYS)
         if not merged.select(KEYS).equals(other.select(KEYS)):
-            raise ValueError("shard records cover different units")
-        merged = merge_moments(merged, other)
+            raise NeuronmapError("the shards' partial records cover different units (made with other sites or "
+                                 "another model?): rerun the corpus_records jobs")
+        merged = merge_partials(merged, other)
     n = merged["count"].to_numpy().astype(np.float64)
     m2, m3, m4 = merged["m2"].to_numpy(), merged["m3"].to_numpy(), merged["m4"].to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -81,7 +75,8 @@ class ContextTokens:
     def __init__(self, contexts: pl.DataFrame):
         contexts = contexts.sort("context_id")
         if not np.array_equal(contexts["context_id"].to_numpy(), np.arange(contexts.height)):
-            raise ValueError("context ids must number the contexts from 0")
+            raise NeuronmapError("contexts: context ids must number the contexts 0, 1, ... (not written by "
+                                 "neuronmap corpus-contexts?)")
         ids = contexts["token_ids"].to_arrow()
         ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         self.offsets = np.asarray(ids.offsets, np.int64)
@@ -130,7 +125,8 @@ def merge_records(unit_paths: Sequence[Path], extreme_paths: Sequence[Path], con
     layers = open_parquet(unit_paths[0]).num_row_groups
     for path in (*unit_paths, *extreme_paths):
         if open_parquet(path).num_row_groups != layers:
-            raise ValueError(f"{path}: holds a different number of layers than {unit_paths[0]}")
+            raise NeuronmapError(f"{path}: holds a different number of layers than {unit_paths[0]} (made with "
+                                 "another model?): rerun the corpus_records jobs")
     tokens = ContextTokens(contexts)
 
     def units():

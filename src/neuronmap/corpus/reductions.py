@@ -150,15 +150,8 @@ class SiteRecords:
         return row_max, row_argmax.int(), row_min, row_argmin.int()
 
     def _merge_moments(self, n_b: int, mean_b, c2, c3, c4) -> None:
-        n_a, n = self.count, self.count + n_b
-        delta = mean_b - self.mean
-        d2 = delta * delta
-        m2, m3 = self.m2.clone(), self.m3.clone()
-        self.m4 += (c4 + d2 * d2 * n_a * n_b * (n_a * n_a - n_a * n_b + n_b * n_b) / n ** 3
-                    + 6 * d2 * (n_a * n_a * c2 + n_b * n_b * m2) / n ** 2 + 4 * delta * (n_a * c3 - n_b * m3) / n)
-        self.m3 += c3 + d2 * delta * n_a * n_b * (n_a - n_b) / n ** 2 + 3 * delta * (n_a * c2 - n_b * m2) / n
-        self.m2 += c2 + d2 * n_a * n_b / n
-        self.mean += delta * n_b / n
+        self.mean, self.m2, self.m3, self.m4 = merge_moments(
+            self.count, (self.mean, self.m2, self.m3, self.m4), n_b, (mean_b, c2, c3, c4))
 
     def state(self) -> dict[str, torch.Tensor | int]:
         return {**{name: getattr(self, name) for name in SCALARS}, **{name: getattr(self, name).cpu() for name in STATE}}
@@ -168,6 +161,23 @@ class SiteRecords:
             setattr(self, name, int(state[name]))
         for name in STATE:
             setattr(self, name, state[name].to(self.device))
+
+
+def merge_moments(n_a, a, n_b, b):
+    """Pebay's pairwise update: (mean, m2, m3, m4) of two groups of n_a and n_b values (numpy or
+    torch arrays; counts scalars or arrays), the m's being sums of powers of deviations from the
+    group's mean. The records kernel does the same per context (records_kernel.c)."""
+    mean_a, m2a, m3a, m4a = a
+    mean_b, m2b, m3b, m4b = b
+    n = n_a + n_b
+    n = n + (n == 0)  # two empty groups merge to an empty one, not to NaN
+    delta = mean_b - mean_a
+    d2 = delta * delta
+    m4 = (m4a + m4b + d2 * d2 * n_a * n_b * (n_a * n_a - n_a * n_b + n_b * n_b) / n ** 3
+          + 6 * d2 * (n_a * n_a * m2b + n_b * n_b * m2a) / n ** 2 + 4 * delta * (n_a * m3b - n_b * m3a) / n)
+    m3 = m3a + m3b + d2 * delta * n_a * n_b * (n_a - n_b) / n ** 2 + 3 * delta * (n_a * m2b - n_b * m2a) / n
+    m2 = m2a + m2b + d2 * n_a * n_b / n
+    return mean_a + delta * n_b / n, m2, m3, m4
 
 
 def _keep_highest(keys, positions, new_keys, new_positions, k: int):
