@@ -53,7 +53,7 @@ SETTINGS = RecordsSettings.defaults(batch_size=32, checkpoint_minutes=60)
 def corpus_contexts(tokenizer, n: int, shards: int = 1) -> pl.DataFrame:
     """The first n contexts of the shipped corpus, its languages interleaved (documents by hash)."""
     documents = sorted(read_documents(CORPUS), key=lambda d: d.shard(2 ** 61 - 1))
-    contexts = cut_contexts(tokenizer, documents, CONTEXT_TOKENS, shards)
+    contexts = cut_contexts(tokenizer, documents, CONTEXT_TOKENS, shards, 0.0)
     if contexts.height < n:
         raise SystemExit(f"the corpus has {contexts.height} contexts of {CONTEXT_TOKENS} tokens, asked for {n}")
     return contexts.head(n)

@@ -39,7 +39,7 @@ def contexts(smollm2):
     _, tokenizer = smollm2
     documents = read_documents(CORPUS)
     picked = [d for label in ("de", "en", "es", "it") for d in documents if d.label == label][::97]
-    return cut_contexts(tokenizer, picked, CONTEXT_TOKENS, 5)
+    return cut_contexts(tokenizer, picked, CONTEXT_TOKENS, 5, 0.0)
 
 
 def run_shards(model, tokenizer, contexts, tmp_path, shards, tag, **changes):
@@ -328,7 +328,7 @@ def test_shards_stay_put_when_documents_are_added():
 def test_contexts_never_span_documents(smollm2):
     _, tokenizer = smollm2
     documents = [Document("a:0", "en", "word " * 40), Document("a:1", "de", "Wort " * 5)]
-    contexts = cut_contexts(tokenizer, documents, 16, 3)
+    contexts = cut_contexts(tokenizer, documents, 16, 3, 0.0)
     assert contexts["n_tokens"].max() <= 16
     for document, group in contexts.group_by("document"):
         ids = tokenizer(next(d.text for d in documents if d.document == document[0]))["input_ids"]

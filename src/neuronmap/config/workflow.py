@@ -12,7 +12,7 @@ from .fingerprint import code_fingerprint
 from .schema import validated
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
-           "shell_prefix", "gpus_per_job", "corpus_files"]
+           "shell_prefix", "gpus_per_job", "corpus_files", "labels_active"]
 
 
 def settings_json(command: str, config: dict) -> str:
@@ -35,6 +35,16 @@ def corpus_files(config: dict) -> list[str]:
     """The files the corpus pass reads (none without corpus.path)."""
     from ..corpus.reading import corpus_files as files
     return [str(path) for path, _ in files(config["corpus"]["path"])] if config["corpus"]["path"] else []
+
+
+def labels_active(config: dict) -> bool:
+    """Whether the labels stage runs: a corpus with labels (a folder of two files or more, or a
+    label column) and labels.enabled. The corpus_contexts job checks that two labels really occur."""
+    if not (config["corpus"]["path"] and config["labels"]["enabled"]):
+        return False
+    from ..corpus.reading import corpus_files as files
+    listed = files(config["corpus"]["path"])
+    return len(listed) >= 2 or config["corpus"]["label_column"] is not None
 
 
 def shell_prefix() -> str:

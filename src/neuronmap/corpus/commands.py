@@ -25,11 +25,14 @@ def cmd_corpus_contexts(args) -> None:
     from .reading import read_documents
     s = args.settings
     documents = read_documents(s.path, s.text_column, s.label_column)
-    contexts = cut_contexts(load_tokenizer(args.model_dir), documents, s.context_tokens, s.shards)
+    labelled = s.labels and len({d.label for d in documents}) >= 2
+    contexts = cut_contexts(load_tokenizer(args.model_dir), documents, s.context_tokens, s.shards,
+                            s.heldout_fraction if labelled else 0.0)
     write_table(contexts, args.out, tables.CONTEXTS)
     labels = contexts.group_by("label").agg(contexts=pl.len()).sort("label")
-    log.info("%d documents, %d contexts, %d tokens; per label: %s", len(documents), contexts.height,
-             contexts["n_tokens"].sum(), ", ".join(f"{r['label'] or '-'}: {r['contexts']}" for r in labels.to_dicts()))
+    log.info("%d documents, %d contexts, %d tokens (%d contexts held out); per label: %s", len(documents),
+             contexts.height, contexts["n_tokens"].sum(), contexts["heldout"].sum(),
+             ", ".join(f"{r['label'] or '-'}: {r['contexts']}" for r in labels.to_dicts()))
 
 
 def args_corpus_contexts(p) -> None:
@@ -49,7 +52,8 @@ def cmd_corpus_records(args) -> None:
     from ..model.loading import load_for_job
     from .engine import RecordsOutputs, RecordsPass
     contexts = read_table(args.contexts)
-    shard = contexts.filter(pl.col("shard") == args.shard)
+    # Held-out contexts are the perplexity check's text, never the records'.
+    shard = contexts.filter((pl.col("shard") == args.shard) & ~pl.col("heldout"))
     if shard.height == 0:
         raise NeuronmapError(f"{args.contexts}: no contexts in shard {args.shard} (fewer documents than "
                              "corpus.shards?)")

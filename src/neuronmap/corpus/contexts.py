@@ -15,12 +15,15 @@ from ..io import tables
 from .reading import Document
 
 
-def cut_contexts(tokenizer, documents: list[Document], context_tokens: int, shards: int) -> pl.DataFrame:
-    """tables.CONTEXTS: one row per context, with its token ids."""
+def cut_contexts(tokenizer, documents: list[Document], context_tokens: int, shards: int,
+                 heldout_fraction: float) -> pl.DataFrame:
+    """tables.CONTEXTS: one row per context, with its token ids; a held-out document's contexts
+    (Document.heldout) are kept out of the records and scored by the perplexity check."""
     rows = {name: [] for name in tables.CONTEXTS.names}
     encoded = tokenizer([d.text for d in documents], add_special_tokens=True)["input_ids"]
     for document, ids in zip(documents, encoded):
         shard = document.shard(shards)
+        heldout = document.heldout(heldout_fraction)
         for part, start in enumerate(range(0, len(ids), context_tokens)):
             piece = ids[start:start + context_tokens]
             rows["document"].append(document.document)
@@ -29,5 +32,6 @@ def cut_contexts(tokenizer, documents: list[Document], context_tokens: int, shar
             rows["shard"].append(shard)
             rows["n_tokens"].append(len(piece))
             rows["token_ids"].append(np.asarray(piece, np.int32))
+            rows["heldout"].append(heldout)
     rows["context_id"] = list(range(len(rows["document"])))
     return pl.from_arrow(pa.table(rows, schema=tables.CONTEXTS))

@@ -30,6 +30,12 @@ class Document:
         digest = hashlib.blake2b(f"{self.label}\0{self.text}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") % shards
 
+    def heldout(self, fraction: float) -> bool:
+        """Held out of the records for the labels stage's perplexity check: a stable draw of
+        `fraction` of the documents, independent of the shard."""
+        digest = hashlib.blake2b(f"heldout\0{self.label}\0{self.text}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") < fraction * 2 ** 64
+
 
 def corpus_files(path: str | Path) -> list[tuple[Path, str | None]]:
     """The corpus's files with their label (a folder's file stems) or None (labels from a column)."""

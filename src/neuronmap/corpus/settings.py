@@ -15,6 +15,8 @@ class ContextsSettings(Settings):
     label_column: str | None = setting("corpus.label_column")
     context_tokens: int = setting("corpus.context_tokens")
     shards: int = setting("corpus.shards")
+    heldout_fraction: float = setting("corpus.heldout_fraction")
+    labels: bool = setting("labels.enabled")
 
 
 @dataclass(frozen=True)

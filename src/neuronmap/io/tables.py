@@ -282,6 +282,7 @@ CONTEXTS = pa.schema([
     ("shard", pa.int32()),
     ("n_tokens", pa.int32()),
     ("token_ids", pa.list_(pa.int32())),
+    ("heldout", pa.bool_()),
 ])
 
 _UNIT_KEY = [("site", pa.string()), ("layer", pa.int32()), ("unit", pa.int32())]
@@ -348,4 +349,81 @@ PEAK_TOKENS = pa.schema([
     ("token", pa.string()),
     ("contexts", pa.int64()),
     ("mean_value", pa.float64()),
+])
+
+# Labelled corpora (labels stage): per label and unit, merged exactly like the other records.
+LABEL_RECORDS_PARTIAL = pa.schema([
+    *_UNIT_KEY,
+    ("label", pa.string()),
+    ("tokens", pa.int64()),
+    ("contexts", pa.int64()),
+    ("sum", pa.float64()),
+    ("n_positive", pa.int64()),
+])
+
+LABEL_RECORDS = pa.schema([
+    *_UNIT_KEY,
+    ("label", pa.string()),
+    ("tokens", pa.int64()),
+    ("contexts", pa.int64()),
+    ("mean", pa.float64()),
+    ("firing_rate", pa.float64()),
+    ("n_positive", pa.int64()),
+])
+
+LABEL_EXPERTISE = pa.schema([
+    *_UNIT_KEY,
+    ("label", pa.string()),
+    ("ap", pa.float64()),
+    ("separation", pa.float64()),
+    ("rank", pa.int64()),
+])
+
+LABEL_UNITS = pa.schema([
+    ("method", pa.string()),
+    ("label", pa.string()),
+    *_UNIT_KEY,
+    ("score", pa.float64()),
+    ("rank", pa.int32()),
+])
+
+LABEL_OVERLAP = pa.schema([
+    ("label", pa.string()),
+    ("lape_units", pa.int64()),
+    ("ap_units", pa.int64()),
+    ("shared", pa.int64()),
+    ("population", pa.int64()),
+    ("expected", pa.float64()),
+    ("p_value", pa.float64()),
+])
+
+LABEL_PERPLEXITY_CONTEXTS = pa.schema([
+    ("method", pa.string()),
+    ("ablated_label", pa.string()),
+    ("control", pa.string()),
+    ("seed", pa.int64()),
+    ("units", pa.int64()),
+    ("context_id", pa.int64()),
+    ("eval_label", pa.string()),
+    ("tokens", pa.int64()),
+    ("nll", pa.float64()),
+])
+
+LABEL_PERPLEXITY = pa.schema([
+    ("method", pa.string()),
+    ("ablated_label", pa.string()),
+    ("units", pa.int64()),
+    ("eval_label", pa.string()),
+    ("contexts", pa.int64()),
+    ("tokens", pa.int64()),
+    ("baseline_perplexity", pa.float64()),
+    ("selected_ratio", pa.float64()),
+    ("random_ratio", pa.float64()),
+    ("excess", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("p_value", pa.float64()),
+    ("q_value", pa.float64()),
+    ("significant", pa.bool_()),
+    ("excess_per_unit", pa.float64()),
 ])
