@@ -120,3 +120,32 @@ def all_outputs():
             f"{RUN}/corpus/peak_tokens.parquet",
         ]
     return outputs
+
+
+def atlas_sources(wildcards):
+    """What the atlas index reads: the files of every stage this config runs (each list empty
+    where its stage does not run). The labels stage counts where its rules are in the workflow.
+    """
+    corpus = bool(config["corpus"]["path"])
+    study = config["relation_study"]
+    labels = (
+        package.labels_active(config)
+        and (Path(workflow.basedir) / "rules" / "labels.smk").exists()
+    )
+    return {
+        "units": [f"{RUN}/corpus/units.parquet"] if corpus else [],
+        "examples": [f"{RUN}/corpus/examples.parquet"] if corpus else [],
+        "peak_tokens": [f"{RUN}/corpus/peak_tokens.parquet"] if corpus else [],
+        "neuron_stats": [f"{RUN}/neuron_stats.parquet"] if study else [],
+        "decoded": [f"{RUN}/decoded.parquet"] if study else [],
+        "expertise": (
+            per_relation(f"{RUN}/expertise/{{relation}}.parquet") if study else []
+        ),
+        "label_records": [f"{RUN}/labels/label_records.parquet"] if labels else [],
+        "label_units": [f"{RUN}/labels/label_units.parquet"] if labels else [],
+        "label_expertise": (
+            [f"{RUN}/labels/label_expertise.parquet"]
+            if labels and config["labels"]["ap"]
+            else []
+        ),
+    }

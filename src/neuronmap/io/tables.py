@@ -427,3 +427,31 @@ LABEL_PERPLEXITY = pa.schema([
     ("significant", pa.bool_()),
     ("excess_per_unit", pa.float64()),
 ])
+
+# The atlas's index (atlas stage): one row per unit, with what every stage that ran says about it.
+# The file also has `ap:<relation>` and `rate:<label>` columns where those stages ran: atlas_units().
+ATLAS_UNITS = pa.schema([
+    *_UNIT_KEY,
+    ("count", pa.int64()),
+    ("mean", pa.float64()),
+    ("var", pa.float64()),
+    ("skewness", pa.float64()),
+    ("kurtosis", pa.float64()),
+    ("min", pa.float32()),
+    ("max", pa.float32()),
+    ("frac_positive", pa.float64()),
+    ("frac_active", pa.float64()),
+    *[(name, pa.float64()) for name in RECORD_QUANTILES],
+    ("peak_token", pa.string()),
+    ("peak_tokens", pa.list_(pa.string())),
+    ("decoded_token", pa.string()),
+    ("decoded_tokens", pa.list_(pa.string())),
+    ("lape", pa.list_(pa.string())),
+    ("ap_label", pa.list_(pa.string())),
+])
+
+
+def atlas_units(relations, labels) -> pa.Schema:
+    """ATLAS_UNITS, then the AP for each relation and the firing rate on each label."""
+    return pa.schema([*ATLAS_UNITS, *[(f"ap:{r}", pa.float64()) for r in relations],
+                      *[(f"rate:{label}", pa.float64()) for label in labels]])

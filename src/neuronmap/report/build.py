@@ -213,6 +213,12 @@ def atlas_section(page: Page, run: Run) -> dict:
                   "config). Bold AP: the unit is among that relation's top units. Click a column to sort, a row "
                   "for the unit's card; the search matches unit names (<code>gate L13 #1272</code>), decoded "
                   "tokens and the peak tokens of top-activating prompts."))
+    port = run.config["atlas"]["port"]
+    url = f"http://127.0.0.1:{port}/"
+    page.add(note("Every unit of the model, with its corpus records, contexts and label selectivity: "
+                  "<code>snakemake --cores 2 atlas_index</code>, then <code>neuronmap atlas --config "
+                  "&lt;config&gt;</code> serves the atlas on a local page, "
+                  + (f'<a href="{url}">{url}</a>.' if port else "at the address it prints.")))
     page.add(
         '<div id="atlas-app"><div class="atlas-controls">'
         '<input type="search" id="atlas-search" placeholder="search a token or a unit, e.g. gate L13 #1272" '
