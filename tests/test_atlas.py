@@ -451,3 +451,14 @@ def test_atlas_page_in_chromium(run, atlas, index):
         server.server_close()
     assert errors == []
     assert [r for r in requests if not r.startswith(url)] == [], "the page must request nothing but the server"
+
+
+def test_bench_smoke_prints_its_json_line():
+    """bench/atlas.py on 2 small layers, so that the benchmark cannot rot."""
+    result = subprocess.run([sys.executable, "bench/atlas.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "atlas" and line["smoke"] and line["units"] == 2 * (3 * 64 + 16)
+    for key in ("card_random", "card_same_layer", "table"):
+        assert line[key]["n"] == 5 and line[key]["median_ms"] > 0

@@ -28,7 +28,7 @@ def cmd_atlas_index(args) -> None:
             raise NeuronmapError("atlas-index: --out is needed with the files given one by one (or give --run)")
         out = Path(args.out)
         given = {name: _one(name, getattr(args, name)) for name in SOURCES}
-        expertise = {Path(p).name.removesuffix(".parquet"): Path(p) for p in args.expertise}
+        expertise = {Path(p).name.removesuffix(".parquet"): Path(p) for p in args.expertise or []}
         sources = AtlasSources(**given, expertise=expertise)
     for name in ("examples", "label_expertise"):  # read by the cards, not here: say now if they are missing
         path = getattr(sources, name)
@@ -40,9 +40,9 @@ def cmd_atlas_index(args) -> None:
              metadata["records"], len(metadata["relations"]), len(metadata["labels"]))
 
 
-def _one(name: str, paths: list[str]) -> Path | None:
+def _one(name: str, paths: list[str] | None) -> Path | None:
     from ..errors import NeuronmapError
-    if len(paths) > 1:
+    if paths and len(paths) > 1:
         raise NeuronmapError(f"atlas-index: --{name.replace('_', '-')} takes one file (got {len(paths)})")
     return Path(paths[0]) if paths else None
 
@@ -51,8 +51,8 @@ def args_atlas_index(p) -> None:
     p.add_argument("--run", help="a finished run's folder: index whatever files it has (instead of the files below)")
     for name in SOURCES:
         # nargs="*": the rule passes every option, empty where the stage did not run.
-        p.add_argument(f"--{name.replace('_', '-')}", nargs="*", default=[], metavar="PATH")
-    p.add_argument("--expertise", nargs="*", default=[], metavar="PATH",
+        p.add_argument(f"--{name.replace('_', '-')}", nargs="*", metavar="PATH")
+    p.add_argument("--expertise", nargs="*", metavar="PATH",
                    help="expertise/<relation>.parquet of each relation")
     p.add_argument("--out", help="default with --run: <run>/atlas/units.parquet")
 
