@@ -162,7 +162,8 @@ class Synthetic:
         for label in LABELS:
             positive = rng.integers(0, 20_000, n)
             parts.append(keys.append_column("label", pa.array([label] * n))
-                         .append_column("tokens", pa.array(np.full(n, 20_000))).append_column("contexts", pa.array(np.full(n, 500)))
+                         .append_column("tokens", pa.array(np.full(n, 20_000)))
+                         .append_column("contexts", pa.array(np.full(n, 500)))
                          .append_column("mean", pa.array(rng.normal(size=n)))
                          .append_column("firing_rate", pa.array(positive / 20_000))
                          .append_column("n_positive", pa.array(positive)))
@@ -179,7 +180,8 @@ class Synthetic:
                 chosen = gate.take(pa.array(rows))
                 selected.append(pa.table({"method": [method] * len(rows), "label": [label] * len(rows),
                                           "site": chosen["site"], "layer": chosen["layer"], "unit": chosen["unit"],
-                                          "score": rng.random(len(rows)), "rank": np.arange(1, len(rows) + 1, dtype=np.int32)}))
+                                          "score": rng.random(len(rows)),
+                                          "rank": np.arange(1, len(rows) + 1, dtype=np.int32)}))
         write_table(pa.concat_tables(parts), run / "labels" / "label_expertise.parquet", tables.LABEL_EXPERTISE)
         write_table(pa.concat_tables(selected), run / "labels" / "label_units.parquet", tables.LABEL_UNITS)
 
@@ -235,7 +237,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--keep", help="build the synthetic run here and keep it (default: a temporary folder)")
-    parser.add_argument("--smoke", action="store_true", help="2 layers of 64 units: checks the script, times nothing real")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 layers of 64 units: checks the script, times nothing real")
     args = parser.parse_args()
     shape = dict(layers=2, width=64, down=16, examples=3) if args.smoke else dict(layers=30, width=1536, down=576,
                                                                                  examples=10)

@@ -78,7 +78,8 @@ def sample_units(frame: pl.DataFrame, n: int, seed: int = 0) -> list[tuple]:
 
 def unit_rows(path: Path, key: tuple) -> pl.DataFrame:
     site, layer, unit = key
-    return pl.read_parquet(path).filter((pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == unit))
+    return pl.read_parquet(path).filter((pl.col("site") == site) & (pl.col("layer") == layer)
+                                        & (pl.col("unit") == unit))
 
 
 # --- the index --------------------------------------------------------------------------------
@@ -278,8 +279,10 @@ def test_http_server_on_a_free_port(atlas):
         server.server_close()
 
 
-def test_atlas_command_prints_its_url_and_serves(run):
-    process = subprocess.Popen([sys.executable, "-m", "neuronmap", "atlas", "--run", str(run), "--port", "0"],
+def test_atlas_command_prints_its_url_and_serves(run, tmp_path):
+    config = tmp_path / "config.yaml"  # the run by its name, atlas.port 0: a free port
+    config.write_text(json.dumps({"run": run.name, "atlas": {"port": 0}}))
+    process = subprocess.Popen([sys.executable, "-m", "neuronmap", "atlas", "--config", str(config)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     try:
@@ -358,14 +361,19 @@ def test_label_sources_from_hand_made_tables(run, tmp_path):
     assert status == 200
     mine = records.filter(pl.col("site") == unit[0], pl.col("layer") == unit[1], pl.col("unit") == unit[2])
     ap = expertise.filter(pl.col("site") == unit[0], pl.col("layer") == unit[1], pl.col("unit") == unit[2])
-    assert [(c["label"], c["firing_rate"], c["mean"], c["label_ap"]) for c in card["labels"]] == [
-        (label, mine.filter(pl.col("label") == label)["firing_rate"][0], mine.filter(pl.col("label") == label)["mean"][0],
-         ap.filter(pl.col("label") == label)["ap"][0]) for label in labels]
+    expected = [(label, *mine.filter(pl.col("label") == label).select("firing_rate", "mean").row(0),
+                 ap.filter(pl.col("label") == label)["ap"][0]) for label in labels]
+    assert [(c["label"], c["firing_rate"], c["mean"], c["label_ap"]) for c in card["labels"]] == expected
     assert {(s["method"], s["label"]) for s in card["selections"]} == {("lape", "de"), ("lape", "en")}
 
 
 def test_relation_study_alone(run, tmp_path):
-    out = linked_run(run, tmp_path, ["decoded.parquet", "expertise", "neuron_stats.parquet"])
+    out = linked_run(run, tmp_path, ["expertise", "neuron_stats.parquet"])
+    # Both decoded variants: the index takes the one through the final norm's gain.
+    gained = pl.read_parquet(run / "decoded.parquet")
+    assert gained["norm_gain"].all()
+    plain = gained.with_columns(norm_gain=pl.lit(False), tokens=pl.col("tokens").list.reverse())
+    write_table(pl.concat([plain, gained]), out / "decoded.parquet", tables.DECODED)
     sources = AtlasSources.found_in(out)
     assert sources.units is None and sorted(sources.expertise) == RELATIONS
     frame, metadata = build_index(sources)
@@ -377,6 +385,8 @@ def test_relation_study_alone(run, tmp_path):
     for column in ("count", "mean", "var", "min", "max", "frac_positive", "frac_active"):
         np.testing.assert_array_equal(both[column].to_numpy(), both[f"{column}_src"].to_numpy())
     assert index["skewness"].null_count() == index.height and index["peak_token"].null_count() == index.height
+    both = index.join(gained, on=KEY)
+    assert both.height == gained.height and both["decoded_tokens"].to_list() == both["tokens"].to_list()
     atlas = Atlas(out)
     status, card = get(atlas, "/api/unit/up/4/9")
     assert status == 200 and card["histogram"] is None and card["examples"] is None and card["decoded"]
@@ -439,9 +449,10 @@ def test_atlas_page_in_chromium(run, atlas, index):
             examples = unit_rows(run / "corpus" / "examples.parquet",
                                  (first.split("/")[0], int(first.split("/")[1]), int(first.split("/")[2])))
             top = examples.filter(pl.col("kind") == "top").sort("rank")
-            marks = page.eval_on_selector_all("#card ol.contexts:first-of-type mark.peak", "m => m.map(x => x.textContent)")
+            texts_of = "nodes => nodes.map(x => x.textContent)"
+            marks = page.eval_on_selector_all("#card ol.contexts:first-of-type mark.peak", texts_of)
             assert marks == top["token"].to_list()
-            texts = page.eval_on_selector_all("#card ol.contexts:first-of-type .ctx", "m => m.map(x => x.textContent)")
+            texts = page.eval_on_selector_all("#card ol.contexts:first-of-type .ctx", texts_of)
             assert texts == [b + t + a for b, t, a in top.select("before", "token", "after").rows()]
             assert page.locator("#card svg.hist rect").count() > 3
             ARTIFACTS.mkdir(exist_ok=True)

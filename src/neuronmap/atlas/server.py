@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
