@@ -43,6 +43,14 @@ except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
 
 
+# The labels stage runs for a labelled corpus (neuronmap.config.workflow.labels_active).
+try:
+    LABELS = package.labels_active(config)
+except NeuronmapError as exc:
+    raise WorkflowError(str(exc)) from None
+LABEL_RESPONSES = LABELS and config["labels"]["ap"]
+
+
 def settings(command):
     """The config values `command` reads, as one JSON param: a job reruns when one changes."""
     return package.settings_json(command, config)
@@ -103,6 +111,23 @@ def corpus_shards(kind):
     )
 
 
+def corpus_label_outputs():
+    """What a records job writes for the labels stage, where it runs."""
+    outputs = {}
+    if LABELS:
+        outputs["labels"] = f"{RUN}/corpus/shards/shard-{{shard}}.labels.parquet"
+    if LABEL_RESPONSES:
+        outputs["responses"] = f"{RUN}/corpus/shards/shard-{{shard}}.responses.parquet"
+    return outputs
+
+
+def corpus_label_options():
+    """The records job's options for those outputs."""
+    return "".join(
+        f" --out-{kind} {{output.{kind}}}" for kind in corpus_label_outputs()
+    )
+
+
 def all_outputs():
     """The relation study's report, which reads every other analysis, and the tables it does
     not show; the corpus records where the config names a corpus."""
@@ -119,4 +144,6 @@ def all_outputs():
             f"{RUN}/corpus/examples.parquet",
             f"{RUN}/corpus/peak_tokens.parquet",
         ]
+    if LABELS:
+        outputs += [f"{RUN}/labels/label_units.parquet"]
     return outputs

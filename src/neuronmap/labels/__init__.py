@@ -1,0 +1,1 @@
+"""The labels stage: labelled corpora's per-label records, unit selections and causal check."""
