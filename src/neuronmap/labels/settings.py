@@ -1,0 +1,18 @@
+"""Settings of the labels stage's commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ablate.settings import SignificanceSettings
+from ..config.settings import Settings, setting
+from ..model.settings import ModelSettings
+
+
+@dataclass(frozen=True)
+class PerplexitySettings(Settings):
+    model: ModelSettings
+    significance: SignificanceSettings
+    ap: bool = setting("labels.ap")
+    contexts: int = setting("labels.perplexity_contexts")
+    seeds: tuple[int, ...] = setting("labels.random_seeds")
