@@ -145,5 +145,5 @@ def all_outputs():
             f"{RUN}/corpus/peak_tokens.parquet",
         ]
     if LABELS:
-        outputs += [f"{RUN}/labels/label_units.parquet"]
+        outputs += [f"{RUN}/labels/perplexity.parquet"]
     return outputs

@@ -1,1 +1,2 @@
-"""The labels stage: labelled corpora's per-label records, unit selections and causal check."""
+"""The labels stage (rules/labels.smk): labelled corpora's per-label records, the LAPE and AP
+selections of units per label, and the perplexity check of those selections."""
