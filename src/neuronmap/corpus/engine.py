@@ -184,6 +184,7 @@ class RecordsPass:
         written past its last checkpoint)."""
         if not self.response_sites:
             return contextlib.nullcontext()
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "r+b" if path.exists() else "w+b")
         handle.truncate(rows_done * self._response_width() * 2)
         handle.seek(0, 2)
