@@ -274,3 +274,15 @@ def test_label_select_command(recorded, contexts, tmp_path):
         assert row["expected"] == pytest.approx(lape.height * ap.height / (30 * 1536))
         best = expertise.filter(pl.col("label") == row["label"]).sort("rank").head(ap.height)
         assert ap.select(["site", "layer", "unit"]).equals(best.select(["site", "layer", "unit"]))
+
+
+def test_bad_label_input_is_a_clear_error(smollm2, contexts):
+    from neuronmap.corpus.commands import check_response_size, corpus_labels
+    from neuronmap.errors import NeuronmapError
+    model, _ = smollm2
+    with pytest.raises(NeuronmapError, match=r"labels\.ap_max_gb = 1"):
+        check_response_size(200_000, model, ("gate",), 1)
+    check_response_size(contexts.height, model, ("gate",), 1)
+    with pytest.raises(NeuronmapError, match="holds 1 label"):
+        corpus_labels(contexts.filter(pl.col("label") == "en"))
+    assert corpus_labels(contexts) == LABELS
