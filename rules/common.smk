@@ -157,8 +157,8 @@ def report_options(wildcards, input):
 
 
 def all_outputs():
-    """The report, whenever the relation study or the corpus pass runs; the relation study's
-    tables the report does not show; the corpus records where the config names a corpus."""
+    """The report, whichever parts run; the relation study's tables the report does
+    not show; the corpus records where the config names a corpus."""
     outputs = [f"{RUN}/report.html"]
     if config["relation_study"]:
         outputs += [

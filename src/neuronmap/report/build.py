@@ -280,15 +280,21 @@ def labels_section(page: Page, corpus: CorpusRun) -> None:
     inputs, selected = corpus.inputs, corpus.label_units
     records = read_table(inputs.label_records, ["site", "layer", "unit", "label", "tokens", "contexts", "firing_rate"])
     page.section("labels", "Labelled corpora")
+    ap_units = "as many per label as LAPE chose" if settings["ap_units"] == "match" \
+        else f"{settings['ap_units']} per label"
     page.add(note(
-        "Two selections of units per label, from the label's records (contexts not held out). LAPE: the units "
-        f"of lowest entropy of the firing rate across labels (the {settings['top_rate']:.2%} most specific, of "
-        f"sites {', '.join(settings['sites'])}), each assigned to the labels it fires on most. AP: the units "
-        "whose mean response over a context best ranks the label's contexts above the others' (Average "
-        "Precision). The firing rate is the fraction of a label's tokens on which the unit is above 0."))
+        f"Two selections of units per label among the units of sites {', '.join(settings['sites'])}, from the "
+        "records of the contexts not held out. LAPE: of the units whose firing rate on some label is above the "
+        f"{settings['filter_rate']} quantile of all (unit, label) rates, the {settings['top_rate']:.2%} of lowest "
+        "entropy of the firing rate across labels, each belonging to every label on which its rate is above the "
+        f"{settings['activation_bar_ratio']} quantile. "
+        + ("AP: the units whose mean response over a context best ranks the label's contexts above the "
+           f"others' (Average Precision), {ap_units}. " if settings["ap"] else "AP: not run (<code>labels.ap</code>). ")
+        + "The firing rate is the fraction of a label's tokens on which the unit is above 0."))
     selections = labels.label_selections(selected, records)
-    page.add(table(labels.label_summary(records, selections), "per label: the records' contexts and tokens; per selection its units and their "
-                            "mean firing rate on the label's tokens and on the other labels'"))
+    page.add(table(labels.label_summary(records, selections),
+                   "per label: the records' contexts and tokens; per selection its units and their mean firing "
+                   "rate on the label's tokens and on the other labels'"))
     page.add(page.figure("label_placement", charts.label_placement_chart(
         labels.label_placement(selected), corpus.manifest["n_layers"]), "layer histogram per label and method"))
     page.add(table(selections.select(

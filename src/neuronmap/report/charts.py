@@ -185,7 +185,8 @@ def label_perplexity_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart
     heat = base.mark_rect().encode(
         color=alt.Color("excess:Q", title="excess (nats/token)",
                         scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
-        tooltip=["method:N", alt.Tooltip("ablated_label:N", title="off"), alt.Tooltip("eval_label:N", title="evaluated"),
+        tooltip=["method:N", alt.Tooltip("ablated_label:N", title="off"),
+                 alt.Tooltip("eval_label:N", title="evaluated"),
                  alt.Tooltip("units:Q", title="units off"), alt.Tooltip("selected_ratio:Q", format=".4f"),
                  alt.Tooltip("random_ratio:Q", format=".4f"), alt.Tooltip("excess:Q", format=".4f"),
                  alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f"),
