@@ -140,9 +140,10 @@ def report_inputs(wildcards):
         inputs.update(
             label_records=f"{RUN}/labels/label_records.parquet",
             label_units=f"{RUN}/labels/label_units.parquet",
-            label_overlap=f"{RUN}/labels/overlap.parquet",
             label_perplexity=f"{RUN}/labels/perplexity.parquet",
         )
+        if config["labels"]["ap"]:
+            inputs["label_overlap"] = f"{RUN}/labels/overlap.parquet"
     return inputs
 
 

@@ -271,10 +271,28 @@ def test_corpus_only_report_summarises_the_corpus(label_files, smollm2_dir, tmp_
     assert not list((tmp_path / "figures").glob("*.svg"))
 
 
+def test_labels_without_ap_report_lapes_alone(label_files, smollm2_dir, tmp_path):
+    """labels.ap false: LAPE's selection only, no overlap file; the comparison says AP was not checked."""
+    lape = {}
+    for name in ("label_records", "label_units", "label_perplexity"):
+        frame = pl.read_parquet(label_files[name])
+        lape[name] = tmp_path / label_files[name].name
+        (frame.filter(pl.col("method") == "lape") if "method" in frame.columns else frame).write_parquet(lape[name])
+    assert report(tmp_path, smollm2_dir, label_files, config(labels={"ap": False}),
+                  "--labels-dir", str(tmp_path)) == 0
+    text = (tmp_path / "report.html").read_text()
+    assert "AP: not run" in text and "units both selections chose" not in text
+    rows = label_findings(pl.read_parquet(lape["label_perplexity"]), 0.95, 0.05)
+    comparison = rows.filter(pl.col("property") == "LAPE vs AP per unit")
+    assert set(comparison["verdict"]) == {"undecided"}
+    assert all("AP's selection was not checked" in s for s in comparison.filter(pl.col("scope") != "all labels")
+               ["statement"])
+
+
 def test_report_command_wants_whole_parts(label_files, smollm2_dir, tmp_path, capsys):
     assert report(tmp_path, smollm2_dir, label_files, config(), "--label-units",
                   str(label_files["label_units"])) == 2
-    assert "missing --label-records, --label-overlap, --label-perplexity" in capsys.readouterr().err
+    assert "missing --label-records, --label-perplexity" in capsys.readouterr().err
     assert report(tmp_path, smollm2_dir, label_files, config(), "--prompts", "prompts.parquet") == 2
     assert "the relation study needs every one of its files; missing --baseline" in capsys.readouterr().err
     assert report(tmp_path, smollm2_dir, label_files, config()) == 2

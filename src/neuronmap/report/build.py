@@ -300,9 +300,10 @@ def labels_section(page: Page, corpus: CorpusRun) -> None:
     page.add(table(selections.select(
         "label", pl.col("method").replace(labels.METHODS), "units", "layer_min", "layer_median", "layer_max"),
         "the layers of each selection"))
-    page.add(table(_readable_p(labels.label_overlap(read_table(inputs.label_overlap)), "p_value"),
-                   "units both selections chose, against the number two random sets of as many units would share "
-                   "(hypergeometric p-value)", digits=4))
+    if inputs.label_overlap is not None:
+        page.add(table(_readable_p(labels.label_overlap(read_table(inputs.label_overlap)), "p_value"),
+                       "units both selections chose, against the number two random sets of as many units would "
+                       "share (hypergeometric p-value)", digits=4))
 
     cells = labels.perplexity_cells(corpus.perplexity)
     page.add("<h3>Perplexity with a label's units off</h3>", note(

@@ -38,9 +38,12 @@ def cmd_report(args) -> None:
                                                                  for name in RELATION_FILES})
     if args.labels_dir is not None:
         for name, file in LABEL_FILES.items():
-            if getattr(args, name) is None:
-                setattr(args, name, str(Path(args.labels_dir) / file))
-    _all_or_none(args, tuple(LABEL_FILES), "the labelled corpora's section")
+            path_in_dir = Path(args.labels_dir) / file
+            # The overlap needs both selections: a run without AP (labels.ap false) has none.
+            if getattr(args, name) is None and (name != "label_overlap" or path_in_dir.exists()):
+                setattr(args, name, str(path_in_dir))
+    _all_or_none(args, tuple(name for name in LABEL_FILES if name != "label_overlap"),
+                 "the labelled corpora's section")
     corpus = CorpusInputs(model_dir=Path(args.model_dir), contexts=path(args.contexts),
                           corpus_units=path(args.corpus_units),
                           **{name: path(getattr(args, name)) for name in LABEL_FILES})
@@ -67,7 +70,7 @@ def args_report(p) -> None:
     corpus.add_argument("--labels-dir", help="the labels stage's folder: the four files below, unless named")
     corpus.add_argument("--label-records", help="labels/label_records.parquet")
     corpus.add_argument("--label-units", help="labels/label_units.parquet")
-    corpus.add_argument("--label-overlap", help="labels/overlap.parquet")
+    corpus.add_argument("--label-overlap", help="labels/overlap.parquet (where the AP selection ran)")
     corpus.add_argument("--label-perplexity", help="labels/perplexity.parquet")
     p.add_argument("--out", required=True)
     p.add_argument("--figures-dir", required=True, help="where each figure is written as SVG and PNG")
