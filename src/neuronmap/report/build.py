@@ -265,9 +265,11 @@ def corpus_summary_section(page: Page, corpus: CorpusRun) -> None:
 def corpus_section(page: Page, corpus: CorpusRun) -> None:
     contexts = corpus.contexts
     page.section("corpus", "Corpus")
+    heldout = int(contexts["heldout"].sum())
     page.add(note(f"{contexts.height} contexts of at most {corpus.config['corpus']['context_tokens']} tokens, "
                   f"{int(contexts['n_tokens'].sum())} tokens in all, from {contexts['document'].n_unique()} "
-                  f"documents; held-out contexts are kept out of the records for the perplexity check."))
+                  "documents" + (f"; {heldout} held-out contexts are kept out of the label records for the "
+                                 "perplexity check." if heldout else ".")))
     parts = ['<div class="tables">', table(labels.corpus_summary(contexts), "contexts per label")]
     if corpus.inputs.corpus_units is not None:
         parts.append(table(labels.corpus_units(read_table(corpus.inputs.corpus_units, ["site", "layer"])),
@@ -289,7 +291,8 @@ def labels_section(page: Page, corpus: CorpusRun) -> None:
         "entropy of the firing rate across labels, each belonging to every label on which its rate is above the "
         f"{settings['activation_bar_ratio']} quantile. "
         + ("AP: the units whose mean response over a context best ranks the label's contexts above the "
-           f"others' (Average Precision), {ap_units}. " if settings["ap"] else "AP: not run (<code>labels.ap</code>). ")
+           f"others' (Average Precision), {ap_units}. " if settings["ap"]
+           else "AP: not run (<code>labels.ap</code>). ")
         + "The firing rate is the fraction of a label's tokens on which the unit is above 0."))
     selections = labels.label_selections(selected, records)
     page.add(table(labels.label_summary(records, selections),
