@@ -2,6 +2,7 @@
 # config, each command's settings and code fingerprint, and the files a rule reads.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -126,15 +127,64 @@ def corpus_label_options():
     return "".join(
         f" --out-{kind} {{output.{kind}}}" for kind in corpus_label_outputs()
     )
+def report_inputs(wildcards):
+    """What the report reads, by its option names (report_options): the relation study's files
+    where it runs, the corpus pass's and the labels stage's where they run."""
+    inputs = {"model_dir": f"{RUN}/model"}
+    if config["relation_study"]:
+        inputs.update(
+            prompts=f"{RUN}/prompts.parquet",
+            baseline=f"{RUN}/evaluation/baseline.parquet",
+            units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
+            expertise=per_relation(f"{RUN}/expertise/{{relation}}.parquet"),
+            **{
+                name: f"{RUN}/{name}.parquet"
+                for name in (
+                    "overlap",
+                    "significance",
+                    "sweep",
+                    "neuron_stats",
+                    "top_activations",
+                    "decoded",
+                    "perplexity",
+                    "sparsity",
+                    "languages",
+                    "cost",
+                )
+            },
+            plan=f"{RUN}/plan.json",
+        )
+    if config["corpus"]["path"]:
+        inputs.update(
+            contexts=f"{RUN}/corpus/contexts.parquet",
+            corpus_units=f"{RUN}/corpus/units.parquet",
+        )
+    if LABELS:
+        inputs.update(
+            label_records=f"{RUN}/labels/label_records.parquet",
+            label_units=f"{RUN}/labels/label_units.parquet",
+            label_perplexity=f"{RUN}/labels/perplexity.parquet",
+            label_overlap=f"{RUN}/labels/overlap.parquet",
+        )
+    return inputs
+
+
+def report_options(wildcards, input):
+    """The report's options for the files report_inputs names: --<name> <file(s)>."""
+    options = []
+    for name, files in input.items():
+        if name != "assets":
+            files = [files] if isinstance(files, str) else list(files)
+            options += [f"--{name.replace('_', '-')}", *map(shlex.quote, files)]
+    return " ".join(options)
 
 
 def all_outputs():
-    """The relation study's report, which reads every other analysis, and the tables it does
+    """The report, whichever parts run; the relation study's tables the report does
     not show; the corpus records where the config names a corpus."""
-    outputs = []
+    outputs = [f"{RUN}/report.html"]
     if config["relation_study"]:
         outputs += [
-            f"{RUN}/report.html",
             f"{RUN}/shared_units.parquet",
             f"{RUN}/dead_units.parquet",
         ]
