@@ -127,6 +127,8 @@ def corpus_label_options():
     return "".join(
         f" --out-{kind} {{output.{kind}}}" for kind in corpus_label_outputs()
     )
+
+
 def report_inputs(wildcards):
     """What the report reads, by its option names (report_options): the relation study's files
     where it runs, the corpus pass's and the labels stage's where they run."""
