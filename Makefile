@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(CONFIG),--configfile $(CONFIG))
 
 test: $(STAMP)
-	$(BIN)/pytest -v tests
+	$(BIN)/pytest -v --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -25,6 +25,7 @@ include: "rules/stats.smk"
 include: "rules/ablate.smk"
 include: "rules/report.smk"
 include: "rules/corpus.smk"
+include: "rules/labels.smk"
 include: "rules/atlas.smk"
 
 

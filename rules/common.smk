@@ -2,6 +2,7 @@
 # config, each command's settings and code fingerprint, and the files a rule reads.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,6 +42,14 @@ try:
     GPUS = package.gpus_per_job(config, prepared=f"{RUN}/model")
 except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
+
+
+# The labels stage runs for a labelled corpus (neuronmap.config.workflow.labels_active).
+try:
+    LABELS = package.labels_active(config)
+except NeuronmapError as exc:
+    raise WorkflowError(str(exc)) from None
+LABEL_RESPONSES = LABELS and config["labels"]["ap"]
 
 
 def settings(command):
@@ -103,13 +112,81 @@ def corpus_shards(kind):
     )
 
 
+def corpus_label_outputs():
+    """What a records job writes for the labels stage, where it runs."""
+    outputs = {}
+    if LABELS:
+        outputs["labels"] = f"{RUN}/corpus/shards/shard-{{shard}}.labels.parquet"
+    if LABEL_RESPONSES:
+        outputs["responses"] = f"{RUN}/corpus/shards/shard-{{shard}}.responses.parquet"
+    return outputs
+
+
+def corpus_label_options():
+    """The records job's options for those outputs."""
+    return "".join(
+        f" --out-{kind} {{output.{kind}}}" for kind in corpus_label_outputs()
+    )
+
+
+def report_inputs(wildcards):
+    """What the report reads, by its option names (report_options): the relation study's files
+    where it runs, the corpus pass's and the labels stage's where they run."""
+    inputs = {"model_dir": f"{RUN}/model"}
+    if config["relation_study"]:
+        inputs.update(
+            prompts=f"{RUN}/prompts.parquet",
+            baseline=f"{RUN}/evaluation/baseline.parquet",
+            units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
+            expertise=per_relation(f"{RUN}/expertise/{{relation}}.parquet"),
+            **{
+                name: f"{RUN}/{name}.parquet"
+                for name in (
+                    "overlap",
+                    "significance",
+                    "sweep",
+                    "neuron_stats",
+                    "top_activations",
+                    "decoded",
+                    "perplexity",
+                    "sparsity",
+                    "languages",
+                    "cost",
+                )
+            },
+            plan=f"{RUN}/plan.json",
+        )
+    if config["corpus"]["path"]:
+        inputs.update(
+            contexts=f"{RUN}/corpus/contexts.parquet",
+            corpus_units=f"{RUN}/corpus/units.parquet",
+        )
+    if LABELS:
+        inputs.update(
+            label_records=f"{RUN}/labels/label_records.parquet",
+            label_units=f"{RUN}/labels/label_units.parquet",
+            label_perplexity=f"{RUN}/labels/perplexity.parquet",
+            label_overlap=f"{RUN}/labels/overlap.parquet",
+        )
+    return inputs
+
+
+def report_options(wildcards, input):
+    """The report's options for the files report_inputs names: --<name> <file(s)>."""
+    options = []
+    for name, files in input.items():
+        if name != "assets":
+            files = [files] if isinstance(files, str) else list(files)
+            options += [f"--{name.replace('_', '-')}", *map(shlex.quote, files)]
+    return " ".join(options)
+
+
 def all_outputs():
-    """The relation study's report, which reads every other analysis, and the tables it does
+    """The report, whichever parts run; the relation study's tables the report does
     not show; the corpus records where the config names a corpus."""
-    outputs = []
+    outputs = [f"{RUN}/report.html"]
     if config["relation_study"]:
         outputs += [
-            f"{RUN}/report.html",
             f"{RUN}/shared_units.parquet",
             f"{RUN}/dead_units.parquet",
         ]
@@ -119,19 +196,20 @@ def all_outputs():
             f"{RUN}/corpus/examples.parquet",
             f"{RUN}/corpus/peak_tokens.parquet",
         ]
+    if LABELS:
+        outputs += [f"{RUN}/labels/perplexity.parquet"]
     return outputs
 
 
 def atlas_sources(wildcards):
     """What the atlas index reads: the files of every stage this config runs (each list empty
-    where its stage does not run). The labels stage counts where its rules are in the workflow.
-    """
+    where its stage does not run)."""
     corpus = bool(config["corpus"]["path"])
     study = config["relation_study"]
-    labels = (
-        package.labels_active(config)
-        and (Path(workflow.basedir) / "rules" / "labels.smk").exists()
-    )
+
+    def labels(name):
+        return [f"{RUN}/labels/label_{name}.parquet"] if LABELS else []
+
     return {
         "units": [f"{RUN}/corpus/units.parquet"] if corpus else [],
         "examples": [f"{RUN}/corpus/examples.parquet"] if corpus else [],
@@ -141,11 +219,7 @@ def atlas_sources(wildcards):
         "expertise": (
             per_relation(f"{RUN}/expertise/{{relation}}.parquet") if study else []
         ),
-        "label_records": [f"{RUN}/labels/label_records.parquet"] if labels else [],
-        "label_units": [f"{RUN}/labels/label_units.parquet"] if labels else [],
-        "label_expertise": (
-            [f"{RUN}/labels/label_expertise.parquet"]
-            if labels and config["labels"]["ap"]
-            else []
-        ),
+        "label_records": labels("records"),
+        "label_units": labels("units"),
+        "label_expertise": labels("expertise"),
     }

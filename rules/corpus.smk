@@ -29,6 +29,7 @@ rule corpus_records:
         contexts=f"{RUN}/corpus/contexts.parquet",
         model=f"{RUN}/model",
     output:
+        **corpus_label_outputs(),
         units=f"{RUN}/corpus/shards/shard-{{shard}}.units.parquet",
         extremes=f"{RUN}/corpus/shards/shard-{{shard}}.extremes.parquet",
         cost=f"{RUN}/cost/corpus/shard-{{shard}}.parquet",
@@ -50,7 +51,7 @@ rule corpus_records:
         "neuronmap corpus-records --settings {params.settings:q} --model-dir {input.model} "
         "--contexts {input.contexts} --shard {wildcards.shard} --threads {threads} "
         "--out-units {output.units} --out-extremes {output.extremes} --out-cost {output.cost} "
-        "--checkpoint {params.checkpoint} 2> {log}"
+        f"--checkpoint {{params.checkpoint}}{corpus_label_options()} 2> {{log}}"
 
 
 rule corpus_merge:

@@ -20,24 +20,10 @@ rule cost:
         "--out {output} 2> {log}"
 
 
+# The relation study's sections where it ran, the corpus's and the labelled corpora's where they ran.
 rule report:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        model=f"{RUN}/model",
-        baseline=f"{RUN}/evaluation/baseline.parquet",
-        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
-        expertise=per_relation(f"{RUN}/expertise/{{relation}}.parquet"),
-        overlap=f"{RUN}/overlap.parquet",
-        significance=f"{RUN}/significance.parquet",
-        sweep=f"{RUN}/sweep.parquet",
-        neuron_stats=f"{RUN}/neuron_stats.parquet",
-        top_activations=f"{RUN}/top_activations.parquet",
-        decoded=f"{RUN}/decoded.parquet",
-        perplexity=f"{RUN}/perplexity.parquet",
-        sparsity=f"{RUN}/sparsity.parquet",
-        languages=f"{RUN}/languages.parquet",
-        cost=f"{RUN}/cost.parquet",
-        plan=f"{RUN}/plan.json",
+        unpack(report_inputs),
         assets=REPORT_ASSETS,
     output:
         html=report(
@@ -60,14 +46,8 @@ rule report:
     params:
         # The report shows the whole config (and its sha256): it reads every key.
         config_json=json.dumps(config, sort_keys=True),
+        inputs=report_options,
         code=code("report"),
     shell:
-        "neuronmap report --config-json {params.config_json:q} --prompts {input.prompts} "
-        "--model-dir {input.model} --baseline {input.baseline} --units {input.units} "
-        "--expertise {input.expertise} --overlap {input.overlap} "
-        "--significance {input.significance} --sweep {input.sweep} "
-        "--neuron-stats {input.neuron_stats} --top-activations {input.top_activations} "
-        "--decoded {input.decoded} --perplexity {input.perplexity} "
-        "--sparsity {input.sparsity} --languages {input.languages} --cost {input.cost} "
-        "--plan {input.plan} "
+        "neuronmap report --config-json {params.config_json:q} {params.inputs} "
         "--out {output.html} --figures-dir {output.figures} 2> {log}"

@@ -113,3 +113,112 @@ def write_later_analyses(run_dir: Path, out_dir: Path, units_per_relation: int =
     paths["cost"] = run_dir / "cost.parquet"
     paths["plan"] = run_dir / "plan.json"
     return paths
+
+
+LABELS = ("de", "en", "es")
+
+
+def label_perplexity_table(label_units: pl.DataFrame, cells: dict, alpha: float = 0.05) -> pl.DataFrame:
+    """tables.LABEL_PERPLEXITY from chosen numbers: `cells` maps (method, ablated label, evaluated
+    label) to (excess, ci_low, ci_high, p_value); q-values are Benjamini-Hochberg over the
+    matrix, the ratios follow from the excess (random ratio 1.01, selected = random * e^excess)."""
+    from neuronmap.ablate.significance import benjamini_hochberg
+    sizes = {(method, label): n for method, label, n in label_units.group_by("method", "label").len().iter_rows()}
+    rows = []
+    for (method, ablated, evaluated), (excess, low, high, p) in sorted(cells.items()):
+        units = sizes.get((method, ablated), 0)
+        rows.append({"method": method, "ablated_label": ablated, "units": units, "eval_label": evaluated,
+                     "contexts": 64, "tokens": 64 * 63, "baseline_perplexity": 30.0, "selected_ratio":
+                     1.01 * float(np.exp(excess)), "random_ratio": 1.01, "excess": excess, "ci_low": low,
+                     "ci_high": high, "p_value": p, "excess_per_unit": excess / units if units else float("nan")})
+    frame = pl.DataFrame(rows)
+    q = benjamini_hochberg(frame["p_value"].to_numpy())
+    return frame.with_columns(q_value=pl.Series(q), significant=pl.Series(q < alpha))
+
+
+def write_label_analyses(out_dir: Path, n_layers: int, width: int, labels=LABELS, per_label: int = 40,
+                         seed: int = 0, cells: dict | None = None) -> dict[str, Path]:
+    """The corpus pass's contexts and units and the labels stage's files for a labelled corpus of
+    `labels`, in the stages' schemas, with random numbers: each label's LAPE and AP selections
+    (`per_label` gate units each, a quarter shared), their overlap as the stage defines it (a
+    hypergeometric tail), and the perplexity matrix (`cells`, or random: the own label's excess
+    clearly positive, the others' near 0). Returns the paths by CorpusInputs's field names."""
+    from scipy.stats import hypergeom
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / file for name, file in (
+        ("contexts", "contexts.parquet"), ("corpus_units", "units.parquet"),
+        ("label_records", "label_records.parquet"), ("label_units", "label_units.parquet"),
+        ("label_overlap", "overlap.parquet"), ("label_perplexity", "perplexity.parquet"))}
+
+    rows = []
+    for i, label in enumerate(labels):
+        for d in range(12 + 4 * i):
+            for part in range(int(rng.integers(1, 4))):
+                n_tokens = int(rng.integers(8, 33))
+                rows.append({"document": f"{label}-{d}", "label": label, "part": part, "n_tokens": n_tokens,
+                             "token_ids": rng.integers(0, 49152, n_tokens).tolist(), "heldout": d % 5 == 0})
+    contexts = pl.DataFrame(rows).with_row_index("context_id").with_columns(
+        pl.col("context_id").cast(pl.Int64), shard=pl.col("document").hash().mod(2).cast(pl.Int32))
+    write_table(contexts.select(tables.CONTEXTS.names), paths["contexts"], tables.CONTEXTS)
+
+    sites = {"gate": width, "down": 576}
+    keys = pl.concat([pl.DataFrame({"site": site, "layer": np.repeat(np.arange(n_layers, dtype=np.int32), w),
+                                    "unit": np.tile(np.arange(w, dtype=np.int32), n_layers)})
+                      for site, w in sites.items()])
+    n = keys.height
+    records = keys.with_columns(
+        count=pl.lit(4000, pl.Int64), mean=pl.Series(rng.normal(0, 0.2, n)), var=pl.Series(rng.gamma(2, 0.05, n)),
+        skewness=pl.lit(0.0), kurtosis=pl.lit(3.0), min=pl.lit(-1.0, pl.Float32), max=pl.lit(1.0, pl.Float32),
+        frac_positive=pl.Series(rng.beta(2, 5, n)), frac_active=pl.lit(0.1),
+        **{q: pl.lit(0.0) for q in tables.RECORD_QUANTILES},
+        hist_bins=pl.lit([], pl.List(pl.Int16)), hist_counts=pl.lit([], pl.List(pl.Int64)))
+    write_table(records.select(tables.UNIT_RECORDS.names), paths["corpus_units"], tables.UNIT_RECORDS)
+
+    gate = keys.filter(pl.col("site") == "gate")
+    heldin = contexts.filter(~pl.col("heldout")).group_by("label").agg(
+        contexts=pl.len().cast(pl.Int64), tokens=pl.col("n_tokens").sum().cast(pl.Int64))
+    label_records = pl.concat([gate.with_columns(label=pl.lit(label)) for label in labels]).join(
+        heldin, on="label").with_columns(firing_rate=pl.Series(rng.beta(2, 6, gate.height * len(labels))),
+                                         mean=pl.Series(rng.normal(0, 0.2, gate.height * len(labels))))
+    label_records = label_records.with_columns(
+        n_positive=(pl.col("firing_rate") * pl.col("tokens")).round().cast(pl.Int64)).with_columns(
+        firing_rate=pl.col("n_positive") / pl.col("tokens"))
+    write_table(label_records.select(tables.LABEL_RECORDS.names), paths["label_records"], tables.LABEL_RECORDS)
+
+    # Each label's selections in a band of layers of its own, so the placement chart differs by label.
+    selections = []
+    for i, label in enumerate(labels):
+        band = gate.filter(pl.col("layer").is_between(3 * i, n_layers - 1 - 2 * i))
+        lape = band.sample(per_label, seed=seed + i)
+        ap = pl.concat([lape.head(per_label // 4), band.join(lape, on=KEY, how="anti").sample(
+            per_label - per_label // 4, seed=seed + 100 + i)])
+        for method, chosen in (("lape", lape), ("ap", ap)):
+            selections.append(chosen.with_columns(
+                method=pl.lit(method), label=pl.lit(label), score=pl.Series(np.sort(rng.random(per_label))),
+                rank=pl.int_range(1, per_label + 1, dtype=pl.Int32)))
+    label_units = pl.concat(selections)
+    write_table(label_units.select(tables.LABEL_UNITS.names), paths["label_units"], tables.LABEL_UNITS)
+
+    overlap = []
+    for label in labels:
+        sets = {m: set(label_units.filter((pl.col("method") == m) & (pl.col("label") == label))
+                       .select(KEY).iter_rows()) for m in ("lape", "ap")}
+        shared, population = len(sets["lape"] & sets["ap"]), gate.height
+        overlap.append({"label": label, "lape_units": len(sets["lape"]), "ap_units": len(sets["ap"]),
+                        "shared": shared, "population": population,
+                        "expected": len(sets["lape"]) * len(sets["ap"]) / population,
+                        "p_value": float(hypergeom.sf(shared - 1, population, len(sets["ap"]), len(sets["lape"])))})
+    write_table(pl.DataFrame(overlap), paths["label_overlap"], tables.LABEL_OVERLAP)
+
+    if cells is None:
+        cells = {}
+        for method in ("lape", "ap"):
+            for ablated in labels:
+                for evaluated in labels:
+                    excess = rng.uniform(0.05, 0.4) if ablated == evaluated else rng.normal(0, 0.01)
+                    half = rng.uniform(0.01, 0.05)
+                    cells[method, ablated, evaluated] = (excess, excess - half, excess + half,
+                                                         float(rng.random() ** (6 if ablated == evaluated else 1)))
+    write_table(label_perplexity_table(label_units, cells), paths["label_perplexity"], tables.LABEL_PERPLEXITY)
+    return paths

@@ -18,6 +18,8 @@ KEY = ["site", "layer", "unit"]
 # One figure per section that draws one; every analysis the workflow runs has its place.
 FIGURES = {"baseline_accuracy", "cumulativity", "drop_matrix", "overlap", "placement", "sparsity", "languages",
            "perplexity"}
+# The labelled corpora's, where the run has a labelled corpus.
+LABEL_FIGURES = {"label_placement", "label_perplexity"}
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=unavailable_reason() or "")
 
@@ -83,7 +85,8 @@ def test_report_of_the_e2e_run_in_chromium(e2e_run, chromium):
         print(f"\ne2e report: {size_mb:.2f} MB, rendered in {opened.seconds_to_render:.2f} s")
         assert size_mb < 10
 
-        assert {figure["name"] for figure in data["figures"]} == FIGURES
+        labelled = (e2e_run / "labels").is_dir()
+        assert {figure["name"] for figure in data["figures"]} == FIGURES | (LABEL_FIGURES if labelled else set())
 
         # The findings are stated in sentences, one per property and scope, with a verdict each.
         findings = page.eval_on_selector_all("ul.findings li", "items => items.map(i => i.innerText)")
@@ -168,11 +171,12 @@ def pick_query(atlas: dict) -> str | None:
 
 @pytest.fixture(scope="module")
 def complete_report(e2e_run, tmp_path_factory):
-    """The e2e run's report rebuilt with stand-ins for every later analysis."""
-    from report_fixtures import write_later_analyses
+    """The e2e run's report rebuilt with stand-ins for every later analysis, the labelled corpora's too."""
+    from report_fixtures import write_label_analyses, write_later_analyses
 
     from neuronmap.config.schema import validated
-    from neuronmap.report.build import ReportInputs, build_report
+    from neuronmap.model.loading import read_manifest
+    from neuronmap.report.build import CorpusInputs, ReportInputs, build_report
     out = tmp_path_factory.mktemp("complete")
     extra = write_later_analyses(e2e_run, out / "analyses")
     relations = sorted(expertise_files(e2e_run))
@@ -185,7 +189,9 @@ def complete_report(e2e_run, tmp_path_factory):
     config = yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text())
     config.update(sites=["gate", "up", "act", "down"], pooling="mean", few_shot=3, run="complete",
                   report={"atlas_units_per_relation": 150, "atlas_prompts_per_unit": 4})
-    build_report(inputs, validated(config), out / "report.html", out / "figures")
+    corpus = CorpusInputs(model_dir=e2e_run / "model", **write_label_analyses(
+        out / "labels", n_layers=read_manifest(e2e_run / "model")["n_layers"], width=1536))
+    build_report(inputs, validated(config), out / "report.html", out / "figures", corpus)
     return out, extra
 
 
@@ -194,7 +200,7 @@ def test_report_with_every_analysis_in_chromium(complete_report, chromium):
     with open_report(chromium, out / "report.html") as opened:
         data = check_rendered_offline(opened, out / "figures")
         page = opened.page
-        assert {p.stem for p in (out / "figures").glob("*.svg")} == FIGURES
+        assert {p.stem for p in (out / "figures").glob("*.svg")} == FIGURES | LABEL_FIGURES
         atlas = data["atlas"]
         assert atlas["units_per_relation"] == 150
 

@@ -15,6 +15,8 @@ from conftest import REPO, run_snakemake
 RELATIONS = ["country_capital_city", "verb_past_tense"]
 RESPONSES = tables.responses(pa.float16(), {"gate": 1536, "up": 1536, "act": 1536, "down": 576}, 30,
                               ["mean", "max", "last"])
+# Each context's mean response at labels.sites (gate by default), for the AP selection.
+CONTEXT_RESPONSES = tables.responses(pa.float16(), {"gate": 1536}, 30, ["mean"])
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,15 @@ def corpus_files(run):
     yield run / "corpus" / "units.parquet", tables.UNIT_RECORDS
     yield run / "corpus" / "examples.parquet", tables.UNIT_EXAMPLES
     yield run / "corpus" / "peak_tokens.parquet", tables.PEAK_TOKENS
+    for shard in (0, 1):
+        yield run / "corpus" / "shards" / f"shard-{shard}.labels.parquet", tables.LABEL_RECORDS_PARTIAL
+        yield run / "corpus" / "shards" / f"shard-{shard}.responses.parquet", CONTEXT_RESPONSES
+    yield run / "labels" / "label_records.parquet", tables.LABEL_RECORDS
+    yield run / "labels" / "label_expertise.parquet", tables.LABEL_EXPERTISE
+    yield run / "labels" / "label_units.parquet", tables.LABEL_UNITS
+    yield run / "labels" / "overlap.parquet", tables.LABEL_OVERLAP
+    yield run / "labels" / "perplexity_contexts.parquet", tables.LABEL_PERPLEXITY_CONTEXTS
+    yield run / "labels" / "perplexity.parquet", tables.LABEL_PERPLEXITY
 
 
 def test_corpus_records_cover_every_token_and_read_per_layer(run):
@@ -78,7 +89,7 @@ def test_corpus_records_cover_every_token_and_read_per_layer(run):
     assert units.num_row_groups == 30  # one per layer
     layer = pl.from_arrow(units.read_row_group(7))
     assert set(layer["layer"]) == {7} and layer.height == 3 * 1536 + 576
-    assert (layer["count"] == contexts["n_tokens"].sum()).all()
+    assert (layer["count"] == contexts.filter(~pl.col("heldout"))["n_tokens"].sum()).all()
     assert (layer["p1"] <= layer["p50"]).all() and (layer["p50"] <= layer["p99_99"]).all()
     assert ((layer["min"] <= layer["p1"]) & (layer["p99_99"] <= layer["max"])).all()
     examples = pl.read_parquet(run / "corpus" / "examples.parquet")
@@ -89,6 +100,22 @@ def test_corpus_records_cover_every_token_and_read_per_layer(run):
     assert examples.group_by("site", "layer", "unit", "kind").len()["len"].max() == 3
     peaks = pl.read_parquet(run / "corpus" / "peak_tokens.parquet")
     assert peaks.group_by("site", "layer", "unit").agg(pl.col("contexts").sum())["contexts"].max() <= 6
+
+
+def test_labels_stage_selects_and_scores_both_languages(run):
+    contexts = pl.read_parquet(run / "corpus" / "contexts.parquet")
+    records = pl.read_parquet(run / "labels" / "label_records.parquet")
+    assert set(records["label"]) == {"de", "en"} and records.height == 2 * 30 * (3 * 1536 + 576)
+    kept = contexts.filter(~pl.col("heldout"))
+    for label in ("de", "en"):
+        own = records.filter(pl.col("label") == label)
+        assert (own["tokens"] == kept.filter(pl.col("label") == label)["n_tokens"].sum()).all()
+    units = pl.read_parquet(run / "labels" / "label_units.parquet")
+    assert set(units["method"]) == {"lape", "ap"} and set(units["site"]) == {"gate"}
+    perplexity = pl.read_parquet(run / "labels" / "perplexity.parquet")
+    heldout = contexts.filter(pl.col("heldout"))
+    assert set(perplexity["eval_label"]) == set(heldout["label"])
+    assert (perplexity["contexts"] <= 3).all()
 
 
 def test_every_output_matches_its_documented_schema(run):

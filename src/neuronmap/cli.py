@@ -27,6 +27,7 @@ COMMANDS = {
     "report": "report", "cost": "report",
     "plan": "plan",
     "corpus-contexts": "corpus", "corpus-records": "corpus", "corpus-merge": "corpus",
+    "label-select": "labels", "label-perplexity": "labels",
     "atlas-index": "atlas", "atlas": "atlas",
 }
 

@@ -86,3 +86,18 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     # The adjusted value is the smallest ranked value at or after each position.
     q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
     return q
+
+
+def hypergeometric_tail(shared: int, population: int, a: int, b: int) -> float:
+    """P(X >= shared) for the units two random sets of a and b units out of `population` share."""
+    def log_choose(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    top = min(a, b)
+    if shared <= 0:
+        return 1.0
+    terms = [log_choose(b, x) + log_choose(population - b, a - x) for x in range(shared, top + 1)
+             if a - x <= population - b]
+    if not terms:
+        return 0.0
+    peak = max(terms)
+    return min(1.0, math.exp(peak + math.log(sum(math.exp(t - peak) for t in terms)) - log_choose(population, a)))

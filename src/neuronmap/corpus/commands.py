@@ -59,12 +59,44 @@ def cmd_corpus_records(args) -> None:
                              "corpus.shards?)")
     log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
-    outputs = RecordsOutputs(Path(args.out_units), Path(args.out_extremes), Path(args.checkpoint))
+    labels = corpus_labels(contexts) if args.out_labels else []
+    response_sites = args.settings.label_sites if args.out_responses else ()
+    if response_sites:
+        check_response_size(contexts.filter(~pl.col("heldout")).height, model, response_sites, args.settings.ap_max_gb)
+    outputs = RecordsOutputs(Path(args.out_units), Path(args.out_extremes), Path(args.checkpoint),
+                             Path(args.out_labels) if args.out_labels else None,
+                             Path(args.out_responses) if args.out_responses else None)
     records = RecordsPass(model, shard, args.settings, int(contexts["n_tokens"].max()), tokenizer.pad_token_id,
-                          args.threads or torch.get_num_threads())
+                          args.threads or torch.get_num_threads(), labels, response_sites)
     with counting_forwards(model) as count:
         records.run(outputs)
     write_table(job_cost("corpus", f"shard-{args.shard}", shard.height, count), args.out_cost, tables.JOB_COST)
+
+
+def corpus_labels(contexts) -> list[str]:
+    """The corpus's labels, sorted; the labels stage needs two or more."""
+    from ..errors import NeuronmapError
+    labels = sorted(set(contexts["label"].to_list()))
+    if len(labels) < 2:
+        raise NeuronmapError(f"labels: the corpus holds {len(labels)} label ({', '.join(labels) or 'none'}); the "
+                             "labels stage compares two or more (a corpus folder of one file per label, or "
+                             "corpus.label_column), or set labels.enabled: false")
+    return labels
+
+
+def check_response_size(contexts: int, model, sites, max_gb: float) -> None:
+    """The AP selection stores every context's mean response at the label sites: refuse a corpus
+    whose responses would not fit labels.ap_max_gb, before any forward pass."""
+    from ..errors import NeuronmapError
+    from ..model.architectures import MlpSites
+    mlp = MlpSites(model)
+    units = sum(mlp.width(site) for site in sites) * mlp.n_layers
+    size = contexts * units * 2 / 2 ** 30
+    if size > max_gb:
+        raise NeuronmapError(f"labels.ap: the mean responses of {contexts} contexts x {units} units of labels.sites "
+                             f"{list(sites)} take {size:.1f} GB (float16), over labels.ap_max_gb = {max_gb}: set "
+                             "labels.ap: false (LAPE's selection needs no stored responses), fewer labels.sites, "
+                             "or a larger labels.ap_max_gb")
 
 
 def args_corpus_records(p) -> None:
@@ -76,6 +108,8 @@ def args_corpus_records(p) -> None:
     p.add_argument("--out-extremes", required=True)
     p.add_argument("--out-cost", required=True)
     p.add_argument("--checkpoint", required=True, help="where the running records are saved (and resumed from)")
+    p.add_argument("--out-labels", help="per-label records (labelled corpora: the labels stage)")
+    p.add_argument("--out-responses", help="each context's mean response at labels.sites (the AP selection)")
 
 
 def cmd_corpus_merge(args) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from ..errors import NeuronmapError
 from ..io import tables
 from ..io.parquet import atomic_path, write_row_groups
+from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import is_out_of_memory
 from ..model.dispatch import input_device, site_device
@@ -46,11 +48,19 @@ class RecordsOutputs:
     units: Path        # tables.RECORDS_PARTIAL, one row group per layer
     extremes: Path     # tables.EXTREMES_PARTIAL, one row group per layer
     checkpoint: Path   # the running records while the job runs
+    labels: Path | None = None     # tables.LABEL_RECORDS_PARTIAL, one row group per layer (with labels)
+    responses: Path | None = None  # each context's mean response at the response sites (io/responses.py)
+
+    @property
+    def spill(self) -> Path:
+        """Context responses of the batches done, raw float16 rows, until the job ends."""
+        return self.checkpoint.with_name(self.checkpoint.stem + ".responses.bin")
 
 
 class RecordsPass:
     def __init__(self, model, contexts: pl.DataFrame, settings: RecordsSettings, context_tokens: int,
-                 pad_token_id: int | None, threads: int = 1):
+                 pad_token_id: int | None, threads: int = 1, labels: list[str] | None = None,
+                 response_sites: tuple[str, ...] = ()):
         self.model, self.settings, self.context_tokens = model, settings, context_tokens
         self.pad = pad_token_id if pad_token_id is not None else 0
         self.contexts = contexts.sort("context_id")
@@ -61,11 +71,20 @@ class RecordsPass:
         self.sites.check(settings.sites)
         # One pool for the whole pass: the kernel releases the GIL, so its threads split each batch by units.
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        # Labels of the whole corpus, so that every shard numbers them alike.
+        self.labels = list(labels or [])
+        self.row_labels = torch.tensor(
+            self.contexts["label"].replace_strict(self.labels, list(range(len(self.labels))), default=-1,
+                                                  return_dtype=pl.Int64).to_list()) if self.labels else None
+        self.response_sites = tuple(response_sites)
         self.records = {(site, layer): SiteRecords(self.sites.width(site), max(settings.peak_token_contexts, settings.examples),
                                                    settings.examples, settings.active_threshold,
-                                                   site_device(self.sites, site, layer), self.pool)
+                                                   site_device(self.sites, site, layer), self.pool, len(self.labels))
                         for layer in range(self.sites.n_layers) for site in settings.sites}
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        missing = set(self.response_sites) - set(settings.sites)
+        if missing:
+            raise NeuronmapError(f"labels.sites {sorted(missing)} are not among the recorded sites {list(settings.sites)}")
+        self.batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.tokens = 0
 
     def batches(self) -> list[tuple[int, int]]:
@@ -77,7 +96,8 @@ class RecordsPass:
         digest = hashlib.sha256(self.settings.to_json().encode())
         digest.update(np.asarray(self.contexts["context_id"].to_numpy(), np.int64).tobytes())
         digest.update(np.asarray(self.contexts["n_tokens"].to_numpy(), np.int64).tobytes())
-        digest.update(repr((self.context_tokens, self.model.config.to_json_string())).encode())
+        digest.update(repr((self.context_tokens, self.model.config.to_json_string(), self.labels,
+                            self.response_sites)).encode())
         return digest.hexdigest()
 
     def run(self, outputs: RecordsOutputs) -> int:
@@ -86,31 +106,39 @@ class RecordsPass:
         last_save = time.monotonic()
         token_ids = self.contexts["token_ids"].to_list()
         context_ids = self.contexts["context_id"].to_numpy()
-        with self._installed(), self._threads(), torch.inference_mode():
+        spill = self._open_spill(outputs.spill, batches[done][0] if done < len(batches) else self.contexts.height)
+        with self._installed(), self._threads(), torch.inference_mode(), spill:
             progress = tqdm(total=len(batches), initial=done, desc=f"records {outputs.units.name}", unit="batch",
                             mininterval=5)
             for index in range(done, len(batches)):
                 start, stop = batches[index]
-                self._forward(token_ids[start:stop], context_ids[start:stop])
+                labels = self.row_labels[start:stop] if self.row_labels is not None else None
+                self._forward(token_ids[start:stop], context_ids[start:stop], labels)
+                self._spill_responses(spill, stop - start)
                 progress.update()
                 if time.monotonic() - last_save >= 60 * self.settings.checkpoint_minutes:
-                    self._save(outputs.checkpoint, index + 1)
+                    self._save(outputs.checkpoint, index + 1, spill)
                     last_save = time.monotonic()
             progress.close()
         self.tokens = int(self.contexts["n_tokens"].sum())
         write_row_groups(self._unit_parts(), outputs.units, tables.RECORDS_PARTIAL)
         write_row_groups(self._extreme_parts(), outputs.extremes, tables.EXTREMES_PARTIAL)
+        if outputs.labels is not None:
+            write_row_groups(self._label_parts(), outputs.labels, tables.LABEL_RECORDS_PARTIAL)
+        if outputs.responses is not None:
+            self._write_responses(outputs.spill, outputs.responses)
         outputs.checkpoint.unlink(missing_ok=True)
+        outputs.spill.unlink(missing_ok=True)
         log.info("records of %d contexts (%d tokens) in %d batches", self.contexts.height, self.tokens, len(batches))
         return self.tokens
 
-    def _forward(self, rows: list, contexts: np.ndarray) -> None:
+    def _forward(self, rows: list, contexts: np.ndarray, labels: torch.Tensor | None) -> None:
         ids = torch.full((len(rows), self.context_tokens), self.pad, dtype=torch.long)
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         attention = (torch.arange(self.context_tokens)[None, :] < lengths[:, None]).long()
-        self.batch = (lengths, torch.from_numpy(np.array(contexts, np.int64)))
+        self.batch = (lengths, torch.from_numpy(np.array(contexts, np.int64)), labels)
         try:
             self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False,
                        logits_to_keep=1)
@@ -145,13 +173,57 @@ class RecordsPass:
     def _hook(self, records: SiteRecords, is_input: bool):
         def read(module, args, output=None):
             x = args[0] if is_input else output
-            lengths, contexts = self.batch
+            lengths, contexts, labels = self.batch
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(lengths.shape[0], self.context_tokens, -1)
-            records.add(x, lengths, contexts)
+            records.add(x, lengths, contexts, labels)
         return read
 
-    def _save(self, path: Path, batches_done: int) -> None:
+    def _open_spill(self, path: Path, rows_done: int):
+        """The spill file, cut back to the rows of the batches done (a killed job may have
+        written past its last checkpoint)."""
+        if not self.response_sites:
+            return contextlib.nullcontext()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "r+b" if path.exists() else "w+b")
+        handle.truncate(rows_done * self._response_width() * 2)
+        handle.seek(0, 2)
+        return handle
+
+    def _response_width(self) -> int:
+        return sum(self.sites.width(site) for site in self.response_sites) * self.sites.n_layers
+
+    def _spill_responses(self, spill, rows: int) -> None:
+        if not self.response_sites:
+            return
+        parts = [self.records[(site, layer)].row_means[:rows].to(torch.float16)
+                 for site in self.response_sites for layer in range(self.sites.n_layers)]
+        spill.write(torch.cat(parts, dim=1).numpy().tobytes())
+
+    def _write_responses(self, spill: Path, out: Path, chunk: int = 256) -> None:
+        """The spilled rows as a responses file (io/responses.py), `chunk` contexts at a time."""
+        widths = {site: self.sites.width(site) for site in self.response_sites}
+        values = np.memmap(spill, np.float16, "r", shape=(self.contexts.height, self._response_width()))
+        ids = [str(c) for c in self.contexts["context_id"].to_list()]
+        n_tokens = self.contexts["n_tokens"].to_list()
+        with atomic_path(out) as tmp:
+            writer = ResponseWriter(tmp, widths, self.sites.n_layers, ["mean"], "float16")
+            for start in range(0, len(ids), chunk):
+                block = np.asarray(values[start:start + chunk])
+                pooled, offset = {}, 0
+                for site, width in widths.items():
+                    size = width * self.sites.n_layers
+                    pooled[("mean", site)] = block[:, offset:offset + size].reshape(
+                        len(block), self.sites.n_layers, width).transpose(1, 0, 2)
+                    offset += size
+                writer.write_batch(ids[start:start + chunk], n_tokens[start:start + chunk], pooled)
+            writer.close()
+        del values
+
+    def _save(self, path: Path, batches_done: int, spill=None) -> None:
+        if self.response_sites:
+            spill.flush()
+            os.fsync(spill.fileno())
         state = {"fingerprint": self.fingerprint(), "batches_done": batches_done,
                  "records": {key: records.state() for key, records in self.records.items()}}
         with atomic_path(path) as tmp:
@@ -188,6 +260,21 @@ class RecordsPass:
                     "n_positive": r.n_positive.cpu().numpy(), "n_active": r.n_active.cpu().numpy(),
                     "hist_bins": bins, "hist_counts": counts}))
             yield pa.concat_tables([p.cast(tables.RECORDS_PARTIAL) for p in parts])
+
+    def _label_parts(self):
+        for layer in range(self.sites.n_layers):
+            parts = []
+            for site in self.settings.sites:
+                r = self.records[(site, layer)]
+                for index, label in enumerate(self.labels):
+                    parts.append(pa.table({
+                        "site": [site] * r.width, "layer": np.full(r.width, layer, np.int32),
+                        "unit": np.arange(r.width, dtype=np.int32), "label": [label] * r.width,
+                        "tokens": np.full(r.width, int(r.label_tokens[index]), np.int64),
+                        "contexts": np.full(r.width, int(r.label_contexts[index]), np.int64),
+                        "sum": r.label_sum[index].cpu().numpy(), "n_positive": r.label_positive[index].cpu().numpy()},
+                        schema=tables.LABEL_RECORDS_PARTIAL))
+            yield pa.concat_tables(parts)
 
     def _extreme_parts(self):
         for layer in range(self.sites.n_layers):

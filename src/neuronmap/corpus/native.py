@@ -75,7 +75,7 @@ def load() -> ctypes.CDLL | None:
         return None
     pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, i64, i64, f32] + [pointer] * 15
-                                        + [i64, pointer, pointer, i64, pointer, pointer, i64])
+                                        + [i64, pointer, pointer, i64, pointer, pointer, i64, pointer, pointer])
     library.records_reduce.restype = None
     library.records_bins_of.argtypes = [pointer, i64, pointer]
     library.records_bins.restype = ctypes.c_int

@@ -139,7 +139,8 @@ void records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const in
                     float *row_max, int32_t *row_argmax, float *row_min, int32_t *row_argmin,
                     double *scratch, const int64_t *contexts, int64_t rows_before,
                     int64_t *top_keys, int32_t *top_pos, int64_t top_cap,
-                    int64_t *bottom_keys, int32_t *bottom_pos, int64_t bottom_cap) {
+                    int64_t *bottom_keys, int32_t *bottom_pos, int64_t bottom_cap,
+                    double *row_mean_out, int32_t *row_positive_out) {
     const int64_t w = j1 - j0;
     int64_t seen = rows_before;
     double *s = scratch, *c2 = scratch + w, *c3 = scratch + 2 * w, *c4 = scratch + 3 * w;
@@ -181,6 +182,14 @@ void records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const in
             if (mn[j] < vmin[u]) vmin[u] = mn[j];
             heap_offer(top_keys, top_pos, n, u, seen, top_cap, order_key(mx[j], contexts[r]), ax[j]);
             heap_offer(bottom_keys, bottom_pos, n, u, seen, bottom_cap, order_key(-mn[j], contexts[r]), an[j]);
+        }
+        /* Per-context results for the labels stage (NULL without labels): each context's mean
+           response and its tokens > 0. */
+        if (row_mean_out != NULL) {
+            for (int64_t j = 0; j < w; j++) {
+                row_mean_out[r * n + j0 + j] = s[j];
+                row_positive_out[r * n + j0 + j] = pos[j];
+            }
         }
         count = nn;
         seen++;

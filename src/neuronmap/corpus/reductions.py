@@ -22,6 +22,7 @@ from .histogram import BINS, bins_of
 STATE = ("mean", "m2", "m3", "m4", "n_positive", "n_active", "minimum", "maximum", "hist",
          "top_keys", "top_positions", "bottom_keys", "bottom_positions")
 SCALARS = ("count", "rows")
+LABEL_STATE = ("label_sum", "label_positive", "label_tokens", "label_contexts")
 
 
 def order_key(values: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
@@ -43,11 +44,15 @@ def key_contexts(keys: torch.Tensor) -> torch.Tensor:
 
 
 class SiteRecords:
-    """Records of `width` units, on `device`; `add` takes one batch of activations."""
+    """Records of `width` units, on `device`; `add` takes one batch of activations.
+
+    With `labels` > 0, also per label the sum of the responses and the tokens > 0 (firing
+    counts), and after each batch `row_means` [rows, width]: each context's mean response."""
 
     def __init__(self, width: int, top: int, bottom: int, threshold: float, device: torch.device,
-                 pool: ThreadPoolExecutor | None = None):
+                 pool: ThreadPoolExecutor | None = None, labels: int = 0):
         self.width, self.top, self.bottom, self.threshold = width, top, bottom, threshold
+        self.labels = labels
         self.device, self.pool = torch.device(device), pool
         self.threads = pool._max_workers if pool is not None else 1
         self.count = 0   # tokens seen
@@ -68,14 +73,21 @@ class SiteRecords:
         self.top_positions = torch.zeros(slots(top), width, dtype=torch.int32, device=self.device)
         self.bottom_keys = torch.zeros(slots(bottom), width, dtype=torch.int64, device=self.device)
         self.bottom_positions = torch.zeros(slots(bottom), width, dtype=torch.int32, device=self.device)
+        self.label_sum = torch.zeros(labels, width, dtype=torch.float64, device=self.device)
+        self.label_positive = torch.zeros(labels, width, dtype=torch.int64, device=self.device)
+        self.label_tokens = torch.zeros(labels, dtype=torch.int64)
+        self.label_contexts = torch.zeros(labels, dtype=torch.int64)
+        self.row_means: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor,
+            row_labels: torch.Tensor | None = None) -> None:
         """x [rows, T, width] activations of a right-padded batch; lengths [rows] valid tokens
-        (0 for a filler row); contexts [rows] their context ids."""
+        (0 for a filler row); contexts [rows] their context ids; row_labels [rows] their label's
+        index (with labels)."""
         if self.kernel is not None:
-            self._add_native(x.detach().to("cpu", torch.float32).contiguous(), lengths, contexts)
+            self._add_native(x.detach().to("cpu", torch.float32).contiguous(), lengths, contexts, row_labels)
             return
-        row_max, row_argmax, row_min, row_argmin = self._add_torch(x.float(), lengths.to(x.device))
+        row_max, row_argmax, row_min, row_argmin = self._add_torch(x.float(), lengths.to(x.device), row_labels)
         real = (lengths > 0).to(row_max.device)
         contexts = contexts.to(row_max.device)[real][:, None].expand(-1, self.width)
         row_max, row_min = row_max[real], row_min[real]
@@ -96,7 +108,19 @@ class SiteRecords:
             out[kind] = (keys, positions.gather(0, order))
         return out
 
-    def _add_native(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor) -> None:
+    def _add_labels(self, lengths: torch.Tensor, row_labels: torch.Tensor, row_sums: torch.Tensor,
+                    row_positive: torch.Tensor) -> None:
+        """Fold each real row's sums and firing counts into its label's."""
+        real = lengths.cpu() > 0
+        labels = row_labels.cpu()[real]
+        on_device = labels.to(self.device)
+        self.label_sum.index_add_(0, on_device, row_sums[real.to(row_sums.device)].to(self.device))
+        self.label_positive.index_add_(0, on_device, row_positive[real.to(row_positive.device)].long().to(self.device))
+        self.label_tokens.index_add_(0, labels, lengths.cpu()[real].long())
+        self.label_contexts.index_add_(0, labels, torch.ones(labels.numel(), dtype=torch.int64))
+
+    def _add_native(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor,
+                    row_labels: torch.Tensor | None) -> None:
         rows, T, n = x.shape
         lengths = lengths.to(torch.int64).contiguous()
         contexts = contexts.to(torch.int64).contiguous()
@@ -110,21 +134,29 @@ class SiteRecords:
         pointers = [t.data_ptr() for t in state]
         heaps = (self.top_keys.data_ptr(), self.top_positions.data_ptr(), self.top,
                  self.bottom_keys.data_ptr(), self.bottom_positions.data_ptr(), self.bottom)
+        if self.labels:
+            row_means, row_positive = torch.zeros(rows, n, dtype=torch.float64), torch.zeros(rows, n, dtype=torch.int32)
+            per_row = (row_means.data_ptr(), row_positive.data_ptr())
+        else:
+            per_row = (None, None)
 
         def run(bounds):
             j0, j1 = bounds
             scratch = np.empty(6 * (j1 - j0))  # four sums, the shift, then two int32 counts per unit
             self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), j0, j1, self.count,
                                        ctypes.c_float(self.threshold), *pointers, scratch.ctypes.data,
-                                       contexts.data_ptr(), self.rows, *heaps)
+                                       contexts.data_ptr(), self.rows, *heaps, *per_row)
         if len(ranges) == 1:
             run(ranges[0])
         else:
             list(self.pool.map(run, ranges))
         self.count += int(lengths.sum())
         self.rows += int((lengths > 0).sum())
+        if self.labels:
+            self.row_means = row_means
+            self._add_labels(lengths, row_labels, row_means * lengths[:, None], row_positive)
 
-    def _add_torch(self, x: torch.Tensor, lengths: torch.Tensor):
+    def _add_torch(self, x: torch.Tensor, lengths: torch.Tensor, row_labels: torch.Tensor | None):
         rows, T, _ = x.shape
         valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]
         n_b = int(lengths.sum())
@@ -134,7 +166,12 @@ class SiteRecords:
         d2 = d * d
         c2, c3, c4 = d2.sum((0, 1)), (d2 * d).sum((0, 1)), (d2 * d2).sum((0, 1))
         self._merge_moments(n_b, batch_mean, c2, c3, c4)
-        self.n_positive += ((x > 0) & valid).sum((0, 1))
+        positive = (x > 0) & valid
+        self.n_positive += positive.sum((0, 1))
+        if self.labels:
+            row_sums = masked.sum(1)
+            self.row_means = (row_sums / lengths.clamp(min=1)[:, None]).cpu()
+            self._add_labels(lengths, row_labels, row_sums, positive.sum(1))
         self.n_active += ((x.abs() > self.threshold) & valid).sum((0, 1))
         index = bins_of(x) + torch.arange(self.width, device=x.device) * BINS
         flat = self.hist.view(-1)
@@ -154,13 +191,15 @@ class SiteRecords:
             self.count, (self.mean, self.m2, self.m3, self.m4), n_b, (mean_b, c2, c3, c4))
 
     def state(self) -> dict[str, torch.Tensor | int]:
-        return {**{name: getattr(self, name) for name in SCALARS}, **{name: getattr(self, name).cpu() for name in STATE}}
+        return {**{name: getattr(self, name) for name in SCALARS},
+                **{name: getattr(self, name).cpu() for name in STATE + LABEL_STATE}}
 
     def load_state(self, state: dict) -> None:
         for name in SCALARS:
             setattr(self, name, int(state[name]))
-        for name in STATE:
-            setattr(self, name, state[name].to(self.device))
+        for name in STATE + LABEL_STATE:
+            value = state[name]
+            setattr(self, name, value if name in ("label_tokens", "label_contexts") else value.to(self.device))
 
 
 def merge_moments(n_a, a, n_b, b):

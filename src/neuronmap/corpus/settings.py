@@ -28,6 +28,8 @@ class RecordsSettings(Settings):
     examples: int = setting("corpus.examples")
     peak_token_contexts: int = setting("corpus.peak_token_contexts")
     checkpoint_minutes: float = setting("corpus.checkpoint_minutes")
+    label_sites: tuple[str, ...] = setting("labels.sites")
+    ap_max_gb: float = setting("labels.ap_max_gb")
 
 
 @dataclass(frozen=True)

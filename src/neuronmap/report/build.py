@@ -18,11 +18,13 @@ from pathlib import Path
 import polars as pl
 
 from .. import __version__
+from ..errors import NeuronmapError
 from ..io.parquet import read_table, write_text
 from ..model.loading import load_tokenizer, read_manifest
 from ..stats.expertise import top_ties
-from . import charts, data
+from . import charts, data, labels
 from .findings import findings
+from .label_findings import label_findings
 from .atlas import build_atlas
 from .page import Page, note, table, write_figures
 
@@ -74,6 +76,45 @@ class Run:
                    prompts=read_table(inputs.prompts), units=pl.concat([read_table(p) for p in inputs.units]),
                    baseline=data.baseline_accuracy(read_table(inputs.baseline)),
                    ties=pl.DataFrame(ties).sort("relation"), n_units=ties[0]["units"])
+
+
+@dataclass(frozen=True)
+class CorpusInputs:
+    """The corpus pass's and the labels stage's files; a run has either, both or neither."""
+    model_dir: Path
+    contexts: Path | None = None
+    corpus_units: Path | None = None
+    label_records: Path | None = None
+    label_units: Path | None = None
+    label_overlap: Path | None = None
+    label_perplexity: Path | None = None
+
+    @property
+    def has_corpus(self) -> bool:
+        return self.contexts is not None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_units is not None
+
+
+@dataclass(frozen=True)
+class CorpusRun:
+    """What the corpus and labels sections read, loaded once (the label records are read in their section)."""
+    inputs: CorpusInputs
+    config: dict
+    manifest: dict
+    contexts: pl.DataFrame | None
+    label_units: pl.DataFrame | None
+    perplexity: pl.DataFrame | None
+
+    @classmethod
+    def load(cls, inputs: CorpusInputs, config: dict) -> CorpusRun:
+        def optional(path, columns=None):
+            return read_table(path, columns) if path is not None else None
+        return cls(inputs=inputs, config=config, manifest=read_manifest(inputs.model_dir),
+                   contexts=optional(inputs.contexts, ["document", "label", "n_tokens", "heldout"]),
+                   label_units=optional(inputs.label_units), perplexity=optional(inputs.label_perplexity))
 
 
 def summary_section(page: Page, run: Run) -> None:
@@ -199,6 +240,101 @@ def expertise_section(page: Page, run: Run) -> None:
                    "ties at the top of each ranking", digits=4))
 
 
+def corpus_summary_section(page: Page, corpus: CorpusRun) -> None:
+    """The summary of a run without the relation study: the model, the corpus, the config."""
+    config, manifest = corpus.config, corpus.manifest
+    times = data.stage_times(corpus.inputs.model_dir.parent / "benchmarks")
+    page.add(f"<h1>neuronmap report: {html.escape(config['run'])}</h1>")
+    page.section("summary", "Summary")
+    facts = [
+        ("model", f"<b>{html.escape(manifest['source'])}</b> ({html.escape(manifest['model_type'])}, "
+                  f"{manifest['n_layers']} layers)"),
+        ("corpus", html.escape(str(config["corpus"]["path"]))),
+        ("relation study", "not run (<code>relation_study: false</code>)"),
+        ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
+        ("neuronmap", __version__),
+        ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
+                     f"(wall-clock of each job, summed)" if times.height else "no benchmark files"),
+        ("generated", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+    ]
+    page.add('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
+    page.add('<div class="tables">', table(times, "run time per stage (benchmark files)", digits=1),
+             table(data.package_versions(), "package versions (report job)"), "</div>")
+
+
+def corpus_section(page: Page, corpus: CorpusRun) -> None:
+    contexts = corpus.contexts
+    page.section("corpus", "Corpus")
+    heldout = int(contexts["heldout"].sum())
+    page.add(note(f"{contexts.height} contexts of at most {corpus.config['corpus']['context_tokens']} tokens, "
+                  f"{int(contexts['n_tokens'].sum())} tokens in all, from {contexts['document'].n_unique()} "
+                  "documents" + (f"; {heldout} held-out contexts are kept out of the label records for the "
+                                 "perplexity check." if heldout else ".")))
+    parts = ['<div class="tables">', table(labels.corpus_summary(contexts), "contexts per label")]
+    if corpus.inputs.corpus_units is not None:
+        parts.append(table(labels.corpus_units(read_table(corpus.inputs.corpus_units, ["site", "layer"])),
+                           "units recorded per site (corpus/units.parquet)"))
+    page.add(*parts, "</div>")
+
+
+def labels_section(page: Page, corpus: CorpusRun) -> None:
+    settings, significance = corpus.config["labels"], corpus.config["significance"]
+    inputs, selected = corpus.inputs, corpus.label_units
+    records = read_table(inputs.label_records, ["site", "layer", "unit", "label", "tokens", "contexts", "firing_rate"])
+    page.section("labels", "Labelled corpora")
+    ap_units = "as many per label as LAPE chose" if settings["ap_units"] == "match" \
+        else f"{settings['ap_units']} per label"
+    page.add(note(
+        f"Two selections of units per label among the units of sites {', '.join(settings['sites'])}, from the "
+        "records of the contexts not held out. LAPE: of the units whose firing rate on some label is above the "
+        f"{settings['filter_rate']} quantile of all (unit, label) rates, the {settings['top_rate']:.2%} of lowest "
+        "entropy of the firing rate across labels, each belonging to every label on which its rate is above the "
+        f"{settings['activation_bar_ratio']} quantile. "
+        + ("AP: the units whose mean response over a context best ranks the label's contexts above the "
+           f"others' (Average Precision), {ap_units}. " if settings["ap"]
+           else "AP: not run (<code>labels.ap</code>). ")
+        + "The firing rate is the fraction of a label's tokens on which the unit is above 0."))
+    selections = labels.label_selections(selected, records)
+    page.add(table(labels.label_summary(records, selections),
+                   "per label: the records' contexts and tokens; per selection its units and their mean firing "
+                   "rate on the label's tokens and on the other labels'"))
+    page.add(page.figure("label_placement", charts.label_placement_chart(
+        labels.label_placement(selected), corpus.manifest["n_layers"]), "layer histogram per label and method"))
+    page.add(table(selections.select(
+        "label", pl.col("method").replace(labels.METHODS), "units", "layer_min", "layer_median", "layer_max"),
+        "the layers of each selection"))
+    if inputs.label_overlap is not None:
+        page.add(table(_readable_p(labels.label_overlap(read_table(inputs.label_overlap)), "p_value"),
+                       "units both selections chose, against the number two random sets of as many units would "
+                       "share (hypergeometric p-value)", digits=4))
+
+    cells = labels.perplexity_cells(corpus.perplexity)
+    page.add("<h3>Perplexity with a label's units off</h3>", note(
+        "Each label's held-out text scored with one label's selected units set to 0, against as many random "
+        f"units from the same sites and layers (seeds {settings['random_seeds']}). Ratio: perplexity over the "
+        "unmodified model's. Excess: per context, the selection's mean NLL minus the random units' (nats per "
+        f"token), averaged over contexts, with a {significance['confidence']:.0%} bootstrap interval."))
+    page.add(page.figure("label_perplexity", charts.label_perplexity_chart(cells, labels.PERPLEXITY_RULE),
+                         "excess perplexity matrix per method"))
+    page.add("<details><summary>the table</summary>",
+             table(_readable_p(labels.perplexity_table(cells), "q_value"), "perplexity with a label's units off",
+                   digits=4), "</details>")
+
+    rows = label_findings(corpus.perplexity, significance["confidence"], significance["alpha"])
+    page.add("<h3>Findings</h3>", note("Stated from this run's numbers; what they cannot decide is undecided."))
+    page.add('<ul class="findings label-findings">' + "".join(
+        f'<li data-property="{html.escape(p)}" data-scope="{html.escape(s)}"><b>{html.escape(p)}</b> '
+        f'({html.escape(v)}): {html.escape(t)}</li>'
+        for p, s, v, t in rows.select("property", "scope", "verdict", "statement").iter_rows()) + "</ul>")
+    page.add("<details><summary>the numbers</summary>",
+             table(_readable_p(rows.drop("statement"), "p_value", "q_value"), "findings", digits=4), "</details>")
+
+
+def _readable_p(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """p- and q-values in three significant digits: fixed decimals would print 1e-9 as 0.0000."""
+    return frame.with_columns(pl.col(c).map_elements(lambda p: f"{p:.3g}", return_dtype=pl.String) for c in columns)
+
+
 def atlas_section(page: Page, run: Run) -> dict:
     """The atlas's place on the page; returns its payload, which the page embeds as JSON."""
     settings, inputs = run.config["report"], run.inputs
@@ -240,18 +376,31 @@ def run_details_section(page: Page, run: Run) -> None:
              f"<pre>{html.escape(json.dumps(run.config, indent=2, sort_keys=True))}</pre></details>")
 
 
-def build_report(inputs: ReportInputs, config: dict, out: str | Path, figures_dir: str | Path) -> None:
-    """`config` is the run's validated config (every default filled in)."""
-    run = Run.load(inputs, config)
+def build_report(inputs: ReportInputs | None, config: dict, out: str | Path, figures_dir: str | Path,
+                 corpus: CorpusInputs | None = None) -> None:
+    """`config` is the run's validated config (every default filled in). `inputs`: the relation
+    study's files, None where it did not run; `corpus`: the corpus pass's and labels stage's."""
+    if inputs is None and (corpus is None or not (corpus.has_corpus or corpus.has_labels)):
+        raise NeuronmapError("report: nothing to report (neither the relation study's files nor the corpus's)")
+    run = Run.load(inputs, config) if inputs is not None else None
+    corpus_run = CorpusRun.load(corpus, config) if corpus is not None else None
     page = Page(f"neuronmap: {config['run']}")
-    for section in (summary_section, findings_section, recall_section, drop_section, overlap_section, placement_section,
-                    sparsity_section, languages_section, side_effects_section, expertise_section):
-        section(page, run)
-    atlas = atlas_section(page, run)
-    run_details_section(page, run)
+    if run is not None:
+        for section in (summary_section, findings_section, recall_section, drop_section, overlap_section,
+                        placement_section, sparsity_section, languages_section, side_effects_section,
+                        expertise_section):
+            section(page, run)
+    else:
+        corpus_summary_section(page, corpus_run)
+    if corpus_run is not None and corpus_run.inputs.has_corpus:
+        corpus_section(page, corpus_run)
+    if corpus_run is not None and corpus_run.inputs.has_labels:
+        labels_section(page, corpus_run)
+    atlas = atlas_section(page, run) if run is not None else None
+    run_details_section(page, run if run is not None else corpus_run)
 
     text = page.render({"atlas": atlas, "config_sha256": data.config_digest(config)})
     write_figures(page.figures, Path(figures_dir))
     write_text(text, out)
     log.info("wrote %s (%.2f MB, %d figures, %d atlas units)", out, len(text.encode()) / 1e6, len(page.figures),
-             len(atlas["site"]))
+             len(atlas["site"]) if atlas else 0)

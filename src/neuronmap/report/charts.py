@@ -158,3 +158,46 @@ def sparsity_chart(per_layer: pl.DataFrame) -> alt.FacetChart:
         tooltip=["site:N", "layer:Q", "measure:N", alt.Tooltip("rate:Q", format=".3f"), "dead_units:Q", "units:Q"],
     ).properties(width=420, height=200).facet(column=alt.Column("measure:N", title=None)).properties(
         title="Sparsity per layer (every token of the identification prompts)")
+
+
+def label_placement_chart(counts: pl.DataFrame, n_layers: int) -> alt.FacetChart:
+    """Units each label's selections chose per layer (bars by site), one row per label, one column
+    per method: the placement chart of the labelled corpora."""
+    data = counts.with_columns(pl.col("method").replace({"lape": "LAPE", "ap": "AP"}))
+    return alt.Chart(_data(data)).mark_bar().encode(
+        x=alt.X("layer:O", scale=alt.Scale(domain=list(range(n_layers))), axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("units:Q", title="units"), color=alt.Color("site:N", scale=SITE_COLORS),
+        tooltip=["method:N", "label:N", "layer:O", "site:N", "units:Q"],
+    ).properties(width=max(300, 12 * n_layers), height=70).facet(
+        row=alt.Row("label:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+        column=alt.Column("method:N", title=None, sort=["LAPE", "AP"]),
+    ).properties(title="Layer and site of each label's selected units")
+
+
+def label_perplexity_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart:
+    """Excess NLL of the selection over matched random units, ablated label (rows) × evaluated
+    label (columns), one matrix per method; each cell reads selected ratio / random ratio."""
+    data = cells.with_columns(pl.col("method").replace({"lape": "LAPE", "ap": "AP"}))
+    limit = float(data["excess"].abs().max() or 1.0)
+    base = alt.Chart().encode(
+        x=alt.X("eval_label:N", title="evaluated label (held-out text)", axis=alt.Axis(labelAngle=-40)),
+        y=alt.Y("ablated_label:N", title="label whose units are off"))
+    heat = base.mark_rect().encode(
+        color=alt.Color("excess:Q", title="excess (nats/token)",
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
+        tooltip=["method:N", alt.Tooltip("ablated_label:N", title="off"),
+                 alt.Tooltip("eval_label:N", title="evaluated"),
+                 alt.Tooltip("units:Q", title="units off"), alt.Tooltip("selected_ratio:Q", format=".4f"),
+                 alt.Tooltip("random_ratio:Q", format=".4f"), alt.Tooltip("excess:Q", format=".4f"),
+                 alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f"),
+                 alt.Tooltip("excess_per_unit:Q", format=".3g"), alt.Tooltip("contexts:Q"),
+                 alt.Tooltip("q_value:Q", format=".3g")])
+    text = base.mark_text(fontSize=10).encode(
+        text="text:N", color=alt.condition(f"abs(datum.excess) > {0.6 * limit}", alt.value("white"),
+                                           alt.value("black")))
+    side = 80 * data["eval_label"].n_unique()
+    return alt.layer(heat, text, data=_data(data)).properties(width=side, height=side * 0.5).facet(
+        column=alt.Column("method:N", title=None, sort=["LAPE", "AP"]),
+    ).properties(title=alt.TitleParams(
+        "Perplexity with a label's units off: selected ×ratio / random ×ratio; red: the selection hurts more",
+        subtitle=subtitle))

@@ -18,7 +18,7 @@ from statistics import NormalDist
 import numpy as np
 import polars as pl
 
-from ..ablate.significance import benjamini_hochberg
+from ..ablate.significance import benjamini_hochberg, hypergeometric_tail
 
 FINDINGS_SCHEMA = {"property": pl.String, "scope": pl.String, "estimate": pl.Float64, "ci_low": pl.Float64,
                    "ci_high": pl.Float64, "p_value": pl.Float64, "verdict": pl.String, "statement": pl.String}
@@ -83,21 +83,6 @@ def cumulativity(significance: pl.DataFrame, confidence: float) -> list[dict]:
                      "statement": f"From k = {first['k']} to k = {last['k']} the excess drop {says} with k: "
                                   f"{_points(growth)} ({confidence:.0%} interval {_points(low)} to {_points(high)})."})
     return rows
-
-
-def hypergeometric_tail(shared: int, population: int, a: int, b: int) -> float:
-    """P(X >= shared) for the units two random sets of a and b units out of `population` share."""
-    def log_choose(n: int, k: int) -> float:
-        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-    top = min(a, b)
-    if shared <= 0:
-        return 1.0
-    terms = [log_choose(b, x) + log_choose(population - b, a - x) for x in range(shared, top + 1)
-             if a - x <= population - b]
-    if not terms:
-        return 0.0
-    peak = max(terms)
-    return min(1.0, math.exp(peak + math.log(sum(math.exp(t - peak) for t in terms)) - log_choose(population, a)))
 
 
 def versatility(overlap: pl.DataFrame, population: int, alpha: float) -> tuple[list[dict], pl.DataFrame]:
