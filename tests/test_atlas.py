@@ -33,6 +33,7 @@ from report_browser import browser, unavailable_reason
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RELATIONS = ["country_capital_city", "verb_past_tense"]
+LABELS = ["de", "en"]  # tiny.yaml's corpus: tests/data/corpus/{de,en}.jsonl
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +87,7 @@ def unit_rows(path: Path, key: tuple) -> pl.DataFrame:
 
 def test_index_schema_and_metadata(run, index):
     parquet = pq.ParquetFile(run / "atlas" / "units.parquet")
-    labels = []
-    if (run / "labels" / "label_records.parquet").exists():
-        labels = sorted(pl.read_parquet(run / "labels" / "label_records.parquet")["label"].unique().to_list())
-    assert parquet.schema_arrow.remove_metadata() == tables.atlas_units(RELATIONS, labels)
+    assert parquet.schema_arrow.remove_metadata() == tables.atlas_units(RELATIONS, LABELS)
     metadata = json.loads(parquet.schema_arrow.metadata[b"neuronmap.atlas"])
     assert metadata["records"] == "corpus" and metadata["relations"] == RELATIONS
     assert metadata["sources"]["examples"] == "corpus/examples.parquet"
@@ -112,6 +110,19 @@ def test_index_equals_its_sources(run, index):
         both = index.join(expertise, on=KEY)
         assert both.height == expertise.height
         np.testing.assert_array_equal(both[f"ap:{relation}"].to_numpy(), both["ap"].to_numpy())
+    records = pl.read_parquet(run / "labels" / "label_records.parquet")
+    for label in LABELS:
+        both = index.join(records.filter(pl.col("label") == label), on=KEY)
+        assert both.height == records.filter(pl.col("label") == label).height > 0
+        np.testing.assert_array_equal(both[f"rate:{label}"].to_numpy(), both["firing_rate"].to_numpy())
+    selected = pl.read_parquet(run / "labels" / "label_units.parquet")
+    for method, column in (("lape", "lape"), ("ap", "ap_label")):
+        expected = {}
+        for site, layer, unit, label in selected.filter(pl.col("method") == method).select(*KEY, "label").rows():
+            expected.setdefault((site, layer, unit), []).append(label)
+        mine = index.filter(pl.col(column).is_not_null()).select(*KEY, column).rows()
+        assert {tuple(row[:3]): row[3] for row in mine} == {k: sorted(v) for k, v in expected.items()}
+        assert expected, method
     decoded = pl.read_parquet(run / "decoded.parquet")
     assert index["decoded_token"].is_not_null().sum() == decoded.select(KEY).unique().height
     assert index.filter(pl.col("site") == "down")["decoded_token"].null_count() == 576 * 30
@@ -186,7 +197,9 @@ def test_card_equals_the_parquet_files(run, atlas, index):
             assert card["relations"][relation] == unit_rows(run / "expertise" / f"{relation}.parquet", key)["ap"][0]
         row = index.filter(pl.col("site") == key[0], pl.col("layer") == key[1], pl.col("unit") == key[2])
         assert card["decoded"] == row["decoded_tokens"].to_list()[0]
-        assert card["labels"] is None or isinstance(card["labels"], list)
+        records = unit_rows(run / "labels" / "label_records.parquet", key).sort("label")
+        assert [(c["label"], c["firing_rate"], c["mean"]) for c in card["labels"]] == records.select(
+            "label", "firing_rate", "mean").rows()
 
 
 def reference_order(index: pl.DataFrame, mask: np.ndarray, column: str, descending: bool) -> list[tuple]:
