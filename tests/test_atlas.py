@@ -468,7 +468,11 @@ def test_atlas_page_in_chromium(run, atlas, index):
             texts = page.eval_on_selector_all("#card ol.contexts:first-of-type .ctx", texts_of)
             assert texts == [b + t + a for b, t, a in top.select("before", "token", "after").rows()]
             assert page.locator("#card svg.hist rect").count() > 3
+            headings = page.eval_on_selector_all("#card h3", texts_of)
+            assert {"Statistics", "Quantiles", "Top contexts", "Bottom contexts", "Peak tokens", "AP per relation",
+                    "Labels"} <= set(headings)
             ARTIFACTS.mkdir(exist_ok=True)
+            page.set_viewport_size({"width": 1400, "height": 1600})  # the whole card in the picture
             page.screenshot(path=str(ARTIFACTS / "atlas.png"), full_page=True)
     finally:
         server.shutdown()
