@@ -335,6 +335,16 @@ def _readable_p(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
     return frame.with_columns(pl.col(c).map_elements(lambda p: f"{p:.3g}", return_dtype=pl.String) for c in columns)
 
 
+def atlas_link(config: dict) -> str:
+    """Where the atlas of every unit (`neuronmap atlas`) is served, and how to start it."""
+    port = config["atlas"]["port"]
+    url = f"http://127.0.0.1:{port}/"
+    return note("Every unit of the model, with its corpus records, contexts and label selectivity: "
+                "<code>snakemake --cores 2 atlas_index</code>, then <code>neuronmap atlas --config "
+                "&lt;config&gt;</code> serves the atlas on a local page, "
+                + (f'<a href="{url}">{url}</a>.' if port else "at the address it prints."))
+
+
 def atlas_section(page: Page, run: Run) -> dict:
     """The atlas's place on the page; returns its payload, which the page embeds as JSON."""
     settings, inputs = run.config["report"], run.inputs
@@ -349,12 +359,7 @@ def atlas_section(page: Page, run: Run) -> dict:
                   "config). Bold AP: the unit is among that relation's top units. Click a column to sort, a row "
                   "for the unit's card; the search matches unit names (<code>gate L13 #1272</code>), decoded "
                   "tokens and the peak tokens of top-activating prompts."))
-    port = run.config["atlas"]["port"]
-    url = f"http://127.0.0.1:{port}/"
-    page.add(note("Every unit of the model, with its corpus records, contexts and label selectivity: "
-                  "<code>snakemake --cores 2 atlas_index</code>, then <code>neuronmap atlas --config "
-                  "&lt;config&gt;</code> serves the atlas on a local page, "
-                  + (f'<a href="{url}">{url}</a>.' if port else "at the address it prints.")))
+    page.add(atlas_link(run.config))
     page.add(
         '<div id="atlas-app"><div class="atlas-controls">'
         '<input type="search" id="atlas-search" placeholder="search a token or a unit, e.g. gate L13 #1272" '
@@ -397,6 +402,8 @@ def build_report(inputs: ReportInputs | None, config: dict, out: str | Path, fig
     if corpus_run is not None and corpus_run.inputs.has_labels:
         labels_section(page, corpus_run)
     atlas = atlas_section(page, run) if run is not None else None
+    if run is None:  # a corpus-only report has no atlas section: the link goes after the corpus
+        page.add(atlas_link(config))
     run_details_section(page, run if run is not None else corpus_run)
 
     text = page.render({"atlas": atlas, "config_sha256": data.config_digest(config)})
