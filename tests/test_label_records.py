@@ -41,9 +41,9 @@ def contexts(smollm2):
     return cut_contexts(tokenizer, picked, CONTEXT_TOKENS, 2, 0.25)
 
 
-def record(model, tokenizer, contexts, tmp_path, tag, batch_size=4, shards=(0, 1), **changes):
+def record(model, tokenizer, contexts, tmp_path, tag, batch_size=4, shards=(0, 1), sites=SITES, **changes):
     """The shards' records with labels and context responses at the gate site."""
-    settings = RecordsSettings.defaults(batch_size=batch_size, sites=SITES, **changes)
+    settings = RecordsSettings.defaults(batch_size=batch_size, sites=sites, **changes)
     outputs = []
     for shard in shards:
         part = contexts.filter((pl.col("shard") == shard) & ~pl.col("heldout"))
@@ -230,7 +230,8 @@ def test_ap_on_contexts_equals_sklearn(recorded, contexts):
 
 def test_an_interrupted_job_resumes_to_the_same_label_records(smollm2, contexts, tmp_path, monkeypatch):
     model, tokenizer = smollm2
-    whole = record(model, tokenizer, contexts, tmp_path, "whole", batch_size=2, shards=(1,), checkpoint_minutes=0)
+    whole = record(model, tokenizer, contexts, tmp_path, "whole", batch_size=3, shards=(1,), sites=("gate",),
+                   checkpoint_minutes=0)
     forward, calls = RecordsPass._forward, []
 
     def dies_at_the_fourth(self, *args):
@@ -240,10 +241,12 @@ def test_an_interrupted_job_resumes_to_the_same_label_records(smollm2, contexts,
         return forward(self, *args)
     monkeypatch.setattr(RecordsPass, "_forward", dies_at_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        record(model, tokenizer, contexts, tmp_path, "again", batch_size=2, shards=(1,), checkpoint_minutes=0)
+        record(model, tokenizer, contexts, tmp_path, "again", batch_size=3, shards=(1,), sites=("gate",),
+               checkpoint_minutes=0)
     monkeypatch.setattr(RecordsPass, "_forward", forward)
     assert (tmp_path / "again-1.ckpt").exists() and (tmp_path / "again-1.responses.bin").exists()
-    resumed = record(model, tokenizer, contexts, tmp_path, "again", batch_size=2, shards=(1,), checkpoint_minutes=0)
+    resumed = record(model, tokenizer, contexts, tmp_path, "again", batch_size=3, shards=(1,), sites=("gate",),
+                     checkpoint_minutes=0)
     for a, b in zip(whole, resumed):
         assert not b.checkpoint.exists() and not b.spill.exists()
         assert pl.read_parquet(a.labels).equals(pl.read_parquet(b.labels))
