@@ -262,6 +262,10 @@ class RecordsPass:
             yield pa.concat_tables([p.cast(tables.RECORDS_PARTIAL) for p in parts])
 
     def _label_parts(self):
+        # A label's tokens and contexts are the same for every unit: counted once, from the contexts.
+        per_label = self.contexts.group_by("label").agg(tokens=pl.col("n_tokens").sum(), contexts=pl.len())
+        tokens = dict(zip(per_label["label"], per_label["tokens"]))
+        contexts = dict(zip(per_label["label"], per_label["contexts"]))
         for layer in range(self.sites.n_layers):
             parts = []
             for site in self.settings.sites:
@@ -270,8 +274,8 @@ class RecordsPass:
                     parts.append(pa.table({
                         "site": [site] * r.width, "layer": np.full(r.width, layer, np.int32),
                         "unit": np.arange(r.width, dtype=np.int32), "label": [label] * r.width,
-                        "tokens": np.full(r.width, int(r.label_tokens[index]), np.int64),
-                        "contexts": np.full(r.width, int(r.label_contexts[index]), np.int64),
+                        "tokens": np.full(r.width, tokens.get(label, 0), np.int64),
+                        "contexts": np.full(r.width, contexts.get(label, 0), np.int64),
                         "sum": r.label_sum[index].cpu().numpy(), "n_positive": r.label_positive[index].cpu().numpy()},
                         schema=tables.LABEL_RECORDS_PARTIAL))
             yield pa.concat_tables(parts)

@@ -22,7 +22,7 @@ from .histogram import BINS, bins_of
 STATE = ("mean", "m2", "m3", "m4", "n_positive", "n_active", "minimum", "maximum", "hist",
          "top_keys", "top_positions", "bottom_keys", "bottom_positions")
 SCALARS = ("count", "rows")
-LABEL_STATE = ("label_sum", "label_positive", "label_tokens", "label_contexts")
+LABEL_STATE = ("label_sum", "label_positive")
 
 
 def order_key(values: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,6 @@ class SiteRecords:
         self.bottom_positions = torch.zeros(slots(bottom), width, dtype=torch.int32, device=self.device)
         self.label_sum = torch.zeros(labels, width, dtype=torch.float64, device=self.device)
         self.label_positive = torch.zeros(labels, width, dtype=torch.int64, device=self.device)
-        self.label_tokens = torch.zeros(labels, dtype=torch.int64)
-        self.label_contexts = torch.zeros(labels, dtype=torch.int64)
         self.row_means: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor,
@@ -112,12 +110,9 @@ class SiteRecords:
                     row_positive: torch.Tensor) -> None:
         """Fold each real row's sums and firing counts into its label's."""
         real = lengths.cpu() > 0
-        labels = row_labels.cpu()[real]
-        on_device = labels.to(self.device)
-        self.label_sum.index_add_(0, on_device, row_sums[real.to(row_sums.device)].to(self.device))
-        self.label_positive.index_add_(0, on_device, row_positive[real.to(row_positive.device)].long().to(self.device))
-        self.label_tokens.index_add_(0, labels, lengths.cpu()[real].long())
-        self.label_contexts.index_add_(0, labels, torch.ones(labels.numel(), dtype=torch.int64))
+        index = row_labels.cpu()[real].to(self.device)
+        self.label_sum.index_add_(0, index, row_sums[real.to(row_sums.device)].to(self.device))
+        self.label_positive.index_add_(0, index, row_positive[real.to(row_positive.device)].long().to(self.device))
 
     def _add_native(self, x: torch.Tensor, lengths: torch.Tensor, contexts: torch.Tensor,
                     row_labels: torch.Tensor | None) -> None:
@@ -198,8 +193,7 @@ class SiteRecords:
         for name in SCALARS:
             setattr(self, name, int(state[name]))
         for name in STATE + LABEL_STATE:
-            value = state[name]
-            setattr(self, name, value if name in ("label_tokens", "label_contexts") else value.to(self.device))
+            setattr(self, name, state[name].to(self.device))
 
 
 def merge_moments(n_a, a, n_b, b):
