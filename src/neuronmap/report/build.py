@@ -117,6 +117,26 @@ class CorpusRun:
                    label_units=optional(inputs.label_units), perplexity=optional(inputs.label_perplexity))
 
 
+def model_fact(manifest: dict) -> tuple[str, str]:
+    return ("model", f"<b>{html.escape(manifest['source'])}</b> ({html.escape(manifest['model_type'])}, "
+                     f"{manifest['n_layers']} layers)")
+
+
+def run_facts(config: dict, times: pl.DataFrame) -> list[tuple[str, str]]:
+    """The facts every summary ends with: the config, the version, the run time, the date."""
+    return [
+        ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
+        ("neuronmap", __version__),
+        ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
+                     f"(wall-clock of each job, summed)" if times.height else "no benchmark files"),
+        ("generated", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+    ]
+
+
+def facts_list(facts: list[tuple[str, str]]) -> str:
+    return '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+
+
 def summary_section(page: Page, run: Run) -> None:
     config, manifest = run.config, run.manifest
     times = data.stage_times(run.inputs.prompts.parent / "benchmarks")
@@ -126,20 +146,15 @@ def summary_section(page: Page, run: Run) -> None:
     page.add(f"<h1>neuronmap report: {html.escape(config['run'])}</h1>")
     page.section("summary", "Summary")
     facts = [
-        ("model", f"<b>{html.escape(manifest['source'])}</b> ({html.escape(manifest['model_type'])}, "
-                  f"{manifest['n_layers']} layers)"),
+        model_fact(manifest),
         ("units", f"sites {', '.join(config['sites'])}; response pooled by {config['pooling']}"),
         ("relations", f"{len(relations)}: {', '.join(html.escape(r) for r in relations)}"),
         ("prompts", f"{split.get('identification', 0)} identification, {split.get('test', 0)} test "
                     f"({config['few_shot']} demonstrations each, from {config['few_shot_sets']} fixed sets per "
                     f"relation; responses pooled over the {'asked fact' if config['pool_span'] == 'query' else 'whole prompt'})"),
-        ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
-        ("neuronmap", __version__),
-        ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
-                     f"(wall-clock of each job, summed)" if times.height else "no benchmark files"),
-        ("generated", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+        *run_facts(config, times),
     ]
-    page.add('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
+    page.add(facts_list(facts))
     page.add('<div class="tables">', table(data.prompt_counts(run.prompts), "prompts per relation"),
              table(times, "run time per stage (benchmark files)", digits=1),
              table(data.cost_summary(read_table(run.inputs.cost)),
@@ -247,17 +262,12 @@ def corpus_summary_section(page: Page, corpus: CorpusRun) -> None:
     page.add(f"<h1>neuronmap report: {html.escape(config['run'])}</h1>")
     page.section("summary", "Summary")
     facts = [
-        ("model", f"<b>{html.escape(manifest['source'])}</b> ({html.escape(manifest['model_type'])}, "
-                  f"{manifest['n_layers']} layers)"),
+        model_fact(manifest),
         ("corpus", html.escape(str(config["corpus"]["path"]))),
         ("relation study", "not run (<code>relation_study: false</code>)"),
-        ("config sha256", f'<span class="digest" id="config-digest">{data.config_digest(config)}</span>'),
-        ("neuronmap", __version__),
-        ("run time", f"{times['seconds'].sum():.0f} s over {times['jobs'].sum()} jobs "
-                     f"(wall-clock of each job, summed)" if times.height else "no benchmark files"),
-        ("generated", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"),
+        *run_facts(config, times),
     ]
-    page.add('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
+    page.add(facts_list(facts))
     page.add('<div class="tables">', table(times, "run time per stage (benchmark files)", digits=1),
              table(data.package_versions(), "package versions (report job)"), "</div>")
 
