@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
 CONFIG ?=
+# Jobs run side by side up to --cores; their mem_mb (rules/*.smk) may add up to 80% of the memory
+# available now, so a many-core laptop does not load the model more times than it can hold.
+MEM_MB ?= $(shell awk '/^MemAvailable:/ {print int($$2 / 1024 * 0.8)}' /proc/meminfo 2>/dev/null)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuronmap-installed
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(CONFIG),--configfile $(CONFIG))
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(MEM_MB),--resources gpu=1 mem_mb=$(MEM_MB)) $(if $(CONFIG),--configfile $(CONFIG))
 
 test: $(STAMP)
 	$(BIN)/pytest -v --durations=25 tests

@@ -13,7 +13,7 @@ rule baseline:
         f"{RUN}/benchmarks/baseline.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=4000,
@@ -48,7 +48,7 @@ rule ablate:
         f"{RUN}/benchmarks/ablate/{{relation}}.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=4000,

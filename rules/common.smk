@@ -24,6 +24,8 @@ RUN = f"results/{config['run']}"
 RELATIONS = config["relations"]["names"]
 SHARDS = list(range(config["shards"]))
 STATS_BLOCKS = list(range(config["stats_blocks"]))
+# CPU threads of each job that computes (the rules' threads: torch's threads, sbatch --cpus-per-task).
+THREADS = config["job_threads"]
 # Relative to the working directory, like every other input.
 REPORT_ASSETS = sorted(
     os.path.relpath(path)
@@ -39,7 +41,9 @@ if workflow.is_main_process:
 
 # GPUs each model-running job asks for: resources gpu=N, which SLURM turns into --gpus=N.
 try:
-    GPUS = package.gpus_per_job(config, prepared=f"{RUN}/model")
+    GPUS = package.gpus_per_job(
+        config, prepared=f"{RUN}/model", local=workflow.local_exec
+    )
 except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
 

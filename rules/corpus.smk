@@ -39,7 +39,7 @@ rule corpus_records:
         f"{RUN}/benchmarks/corpus_records/shard-{{shard}}.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=6000,

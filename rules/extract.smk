@@ -13,7 +13,7 @@ rule extract:
         f"{RUN}/benchmarks/extract/{{relation}}-{{shard}}.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=4000,
@@ -63,7 +63,7 @@ rule calibrate:
         f"{RUN}/benchmarks/calibrate.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=1,
         mem_mb=4000,

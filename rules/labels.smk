@@ -18,7 +18,7 @@ rule label_select:
         f"{RUN}/benchmarks/label_select.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=8000,
     params:
@@ -45,7 +45,7 @@ rule label_perplexity:
         f"{RUN}/benchmarks/label_perplexity.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=6000,

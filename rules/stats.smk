@@ -10,7 +10,7 @@ rule stats_block:
         f"{RUN}/benchmarks/stats_block/block-{{block}}.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=4000,
     params:
@@ -103,7 +103,7 @@ rule decode:
         f"{RUN}/benchmarks/decode.tsv"
     conda:
         "../envs/neuronmap.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         gpu=GPUS,
         mem_mb=4000,

@@ -94,3 +94,10 @@ def test_an_mlp_whose_forward_is_already_wrapped_is_read_by_hooks_and_left_alone
         assert vars(mlp)["forward"] is wrapper
     finally:
         del mlp.forward
+
+
+def test_auto_compiles_only_shards_large_enough_to_repay_it():
+    from neuronmap.extract.engine import FUSED_MIN_TOKENS, fuse_statistics
+    assert not fuse_statistics("auto", FUSED_MIN_TOKENS - 1)
+    assert fuse_statistics("auto", FUSED_MIN_TOKENS)
+    assert fuse_statistics(True, 1) and not fuse_statistics(False, 10 * FUSED_MIN_TOKENS)

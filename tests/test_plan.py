@@ -133,3 +133,20 @@ def test_extraction_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp
     measured, planned = measured_and_planned(tmp_path / "model", tmp_path, config)
     print(f"tiny Llama extraction: measured peak {measured / 2**20:.0f} MiB, planned {planned / 2**20:.0f} MiB")
     assert abs(planned - measured) <= 0.25 * measured
+
+
+def test_a_local_run_on_the_cpu_asks_for_no_gpu(monkeypatch):
+    import torch
+    from neuronmap.config.workflow import gpus_per_job
+    config = validated({"device": "cpu"})
+    # Locally a CPU job holds no GPU, so the workstation's one-GPU pool must not serialize it.
+    assert gpus_per_job(config, local=True) == 0
+    # A cluster job gets what its config asks for wherever the workflow was parsed.
+    assert gpus_per_job(config, local=False) == 1
+    assert gpus_per_job({**config, "gpus_per_job": 2}, local=True) == 2
+    auto = validated({})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert gpus_per_job(auto, local=True) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpus_per_job(auto, local=True) == 1

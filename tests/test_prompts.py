@@ -60,6 +60,22 @@ def test_prompts_share_a_few_demonstration_sets():
         assert set(group["demo_set"]) <= {0, 1, 2, 3}
 
 
+def test_test_prompts_start_with_the_first_test_few_shot_sets():
+    relation = load("verb_past_tense")
+    for test_sets in (1, 2, 4):
+        settings = PromptSettings.defaults(few_shot=3, few_shot_sets=4, test_few_shot_sets=test_sets,
+                                           test_facts=20, seed=0)
+        prompts = build_prompts([relation], settings)
+        test = prompts.filter(pl.col("split") == "test")
+        assert sorted(test["demo_set"].unique()) == list(range(test_sets))
+        assert test["prefix"].n_unique() == test_sets
+        # Identification prompts still use every set, and the same draw whatever the test sets.
+        identification = prompts.filter(pl.col("split") == "identification")
+        assert sorted(identification["demo_set"].unique()) == [0, 1, 2, 3]
+    with pytest.raises(NeuronmapError, match="test_few_shot_sets: 5 is more than the 4"):
+        build_prompts([relation], PromptSettings.defaults(few_shot_sets=4, test_few_shot_sets=5))
+
+
 def test_identification_uses_every_template_and_test_the_first():
     relation = load("country_capital_city")
     assert len(relation.templates) == 2

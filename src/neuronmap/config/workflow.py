@@ -55,12 +55,17 @@ def shell_prefix() -> str:
     return "set -euo pipefail; neuronmap() {{ " + shlex.quote(sys.executable) + ' -m neuronmap "$@"; }}; '
 
 
-def gpus_per_job(config: dict, prepared: str | None = None) -> int:
+def gpus_per_job(config: dict, prepared: str | None = None, local: bool = False) -> int:
     """GPUs a model-running job asks for (resources gpu=N): gpus_per_job, or (auto) 1 with
-    device_map single, the GPUs max_memory names, or as many as the plan needs."""
+    device_map single, the GPUs max_memory names, or as many as the plan needs. A local run
+    whose jobs run on the CPU (device cpu, or auto on a machine without a GPU) asks for none:
+    it holds no GPU, so the workstation profile's pool of one GPU does not make CPU jobs wait
+    for each other."""
     from ..plan.estimate import parse_time_plan
     if config["gpus_per_job"] != "auto":
         return int(config["gpus_per_job"])
+    if local and runs_on_cpu(config["device"]):
+        return 0
     if config["device_map"] == "single":
         return 1
     named = [key for key in config["max_memory"] if key != "cpu"]
@@ -68,3 +73,11 @@ def gpus_per_job(config: dict, prepared: str | None = None) -> int:
         return len(named)
     plan = parse_time_plan(config, prepared)
     return plan["gpus_per_job"] if plan and plan["device"] == "cuda" else 1
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether `device` resolves to the CPU on this machine."""
+    if device != "auto":
+        return device == "cpu"
+    from ..model.loading import pick_device
+    return pick_device("auto").type == "cpu"

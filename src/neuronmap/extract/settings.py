@@ -20,7 +20,7 @@ class ExtractionSettings(Settings):
     active_threshold: float
     pool_span: str
     include_bos: bool
-    fused_statistics: bool
+    fused_statistics: bool | str
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,7 @@ def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
             written = units * (8 + 12 * 10)
         else:
             flops = forward_flops(shape, tokens, int(context), logits)
-        memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics)
+        memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics in (True, "auto"))
         jobs.append(JobPlan(kind, count, target.gpus, weights, memory, activations[kind], tokens, flops,
                             flops / (settings.tflops * 1e12), int(written)))
     return {"model_type": config.model_type, "device": target.device, "dtype": str(target.dtype).replace("torch.", ""),

@@ -3,7 +3,10 @@
 A prompt is a prefix of demonstrations (other facts of the relation, one per line) and the
 asked fact, its query: `text = prefix + query`. Demonstrations come from a few fixed sets per
 relation (`few_shot_sets`), so that the model stages forward each set's prefix once and reuse
-its key/value cache for every prompt that starts with it (model/prefix_cache.py).
+its key/value cache for every prompt that starts with it (model/prefix_cache.py). Test prompts
+use only the first `test_few_shot_sets` of them: a test fact is never in a set (sets are drawn
+from identification facts), and every set a test prompt starts with is one more prefix that each
+ablation configuration forwards.
 """
 
 from __future__ import annotations
@@ -89,12 +92,16 @@ def relation_prompts(relation: Relation, settings: PromptSettings, shards: int =
                  "test": template_indices(relation, settings.test_templates, "test_templates")}
     identification, test = split_facts(relation, settings, shards)
     sets = demonstration_sets(identification, settings, relation.name)
+    if settings.test_few_shot_sets > len(sets):
+        raise NeuronmapError(f"test_few_shot_sets: {settings.test_few_shot_sets} is more than the "
+                             f"{len(sets)} demonstration sets (few_shot_sets) drawn per relation")
+    split_sets = {"identification": sets, "test": sets[:settings.test_few_shot_sets]}
     private_rng = relation_rng(settings.seed, relation.name, "few_shot_private")
     rows = []
     for split, fact_indices in (("identification", identification), ("test", test)):
         for position, fact_index in enumerate(fact_indices):
             fact = relation.facts[fact_index]
-            demo_set = choose_set(sets, fact_index, position)
+            demo_set = choose_set(split_sets[split], fact_index, position)
             if demo_set == PRIVATE_SET:
                 # Demonstrations never include the asked fact.
                 pool = [i for i in identification if i != fact_index]

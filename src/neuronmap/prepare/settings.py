@@ -14,6 +14,7 @@ class PromptSettings(Settings):
     test_templates: tuple[int, ...]
     few_shot: int
     few_shot_sets: int
+    test_few_shot_sets: int
     max_facts: int = setting("relations.max_facts")
     test_facts: int = setting("split.test_facts")
     max_test_fraction: float = setting("split.max_test_fraction")

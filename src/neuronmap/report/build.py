@@ -151,7 +151,7 @@ def summary_section(page: Page, run: Run) -> None:
         ("relations", f"{len(relations)}: {', '.join(html.escape(r) for r in relations)}"),
         ("prompts", f"{split.get('identification', 0)} identification, {split.get('test', 0)} test "
                     f"({config['few_shot']} demonstrations each, from {config['few_shot_sets']} fixed sets per "
-                    f"relation; responses pooled over the {'asked fact' if config['pool_span'] == 'query' else 'whole prompt'})"),
+                    f"relation, {config['test_few_shot_sets']} for test prompts; responses pooled over the {'asked fact' if config['pool_span'] == 'query' else 'whole prompt'})"),
         *run_facts(config, times),
     ]
     page.add(facts_list(facts))
