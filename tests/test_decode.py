@@ -82,3 +82,16 @@ def test_gemma_gain_is_one_plus_weight():
     with torch.no_grad():
         scores = direct(model, "act", 0, row["unit"], True, gain=gain)
     assert row["token_ids"] == torch.topk(scores, 4).indices.tolist()
+
+
+@pytest.mark.parametrize("columns", [49_152, 49_152 + 37])
+def test_grouped_top_k_equals_torch_topk(columns):
+    from neuronmap.stats.decode import top_k_rows
+    scores = torch.randn(64, columns, generator=torch.Generator().manual_seed(columns))
+    scores[3] = 0.0  # a row of ties: values still exact
+    scores[5, -1] = 100.0  # the largest in the padded last group
+    ids, values = top_k_rows(scores, 10)
+    top = torch.topk(scores, 10, dim=1)
+    assert torch.equal(values, top.values)
+    assert torch.equal(torch.cat([ids[:3], ids[4:]]), torch.cat([top.indices[:3], top.indices[4:]]))
+    assert torch.equal(scores.gather(1, ids), values)

@@ -7,6 +7,7 @@ Hugging Face directory or cached hub id is referenced in place, not copied.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,10 +117,28 @@ def check_model_files(path: str | Path) -> None:
             "the model it was trained with into it")
 
 
+@contextmanager
+def gguf_read_once():
+    """transformers reads a GGUF file three times (its config, the tokenizer, the weights), each
+    read parsing every string of the vocabulary field by field (about 7 s for SmolLM2's 49,152
+    tokens), and rebuilds gguf's tensor-name map for each of the model's 397 modules (about 8 s):
+    while dequantizing, one reader per file and one name map per architecture serve them all.
+    transformers imports both from the gguf module when it calls them, so the patch reaches it."""
+    import gguf
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(originals[0])
+    gguf.get_tensor_name_map = functools.cache(originals[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # The weights are already dequantized; save_pretrained refuses while the GGUF config is attached.
     model.config.quantization_config = None
     del model.config.quantization_config
