@@ -46,6 +46,7 @@ rule ablate:
         f"{RUN}/logs/ablate/{{relation}}.log",
     benchmark:
         f"{RUN}/benchmarks/ablate/{{relation}}.tsv"
+    priority: ablate_priority
     conda:
         "../envs/neuronmap.yaml"
     threads: THREADS

@@ -78,6 +78,19 @@ def language_files(wildcards):
     return package.translation_files(config)
 
 
+# Scheduling. The jobs on the way to the ablation sweeps run first (decoding, the token
+# statistics and the baseline fill free cores meanwhile), and among the sweeps those of relations
+# with translations, which evaluate the most prompts, so that the longest job never starts last.
+STUDY_PRIORITY = 1
+
+
+def ablate_priority(wildcards):
+    translated = package.translation_files(config)
+    return STUDY_PRIORITY + sum(
+        Path(path).stem == wildcards.relation for path in translated
+    )
+
+
 def per_relation(pattern):
     return expand(pattern, relation=RELATIONS)
 

@@ -11,6 +11,7 @@ rule extract:
         f"{RUN}/logs/extract/{{relation}}-{{shard}}.log",
     benchmark:
         f"{RUN}/benchmarks/extract/{{relation}}-{{shard}}.tsv"
+    priority: STUDY_PRIORITY
     conda:
         "../envs/neuronmap.yaml"
     threads: THREADS

@@ -8,6 +8,7 @@ rule stats_block:
         f"{RUN}/logs/stats/block-{{block}}.log",
     benchmark:
         f"{RUN}/benchmarks/stats_block/block-{{block}}.tsv"
+    priority: STUDY_PRIORITY
     conda:
         "../envs/neuronmap.yaml"
     threads: THREADS
@@ -35,6 +36,7 @@ rule stats:
         f"{RUN}/logs/stats/{{relation}}.log",
     benchmark:
         f"{RUN}/benchmarks/stats/{{relation}}.tsv"
+    priority: STUDY_PRIORITY
     conda:
         "../envs/neuronmap.yaml"
     threads: 1
