@@ -78,10 +78,12 @@ def language_files(wildcards):
     return package.translation_files(config)
 
 
-# Scheduling. The jobs on the way to the ablation sweeps run first (decoding, the token
-# statistics and the baseline fill free cores meanwhile), and among the sweeps those of relations
-# with translations, which evaluate the most prompts, so that the longest job never starts last.
+# Scheduling, longest work first so that no long job runs alone at the end: decoding (it needs
+# only the model) as soon as the model is ready, then the jobs on the way to the ablation sweeps
+# (the token statistics, the baseline and calibration fill free cores meanwhile), and among the
+# sweeps those of relations with translations, which evaluate the most prompts.
 STUDY_PRIORITY = 1
+DECODE_PRIORITY = 2
 
 
 def ablate_priority(wildcards):

@@ -103,6 +103,7 @@ rule decode:
         f"{RUN}/logs/decode.log",
     benchmark:
         f"{RUN}/benchmarks/decode.tsv"
+    priority: DECODE_PRIORITY
     conda:
         "../envs/neuronmap.yaml"
     threads: THREADS
