@@ -15,7 +15,7 @@ rule baseline:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=4000,
     params:
         settings=settings("baseline"),
@@ -51,7 +51,7 @@ rule ablate:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=4000,
     params:
         settings=settings("ablate"),

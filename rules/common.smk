@@ -41,11 +41,16 @@ if workflow.is_main_process:
 
 # GPUs each model-running job asks for: resources gpu=N, which SLURM turns into --gpus=N.
 try:
-    GPUS = package.gpus_per_job(
-        config, prepared=f"{RUN}/model", local=workflow.local_exec
-    )
+    GPUS = package.gpus_per_job(config, prepared=f"{RUN}/model")
 except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
+GPUS_HERE = package.gpus_here(config, GPUS)
+
+
+def gpus(wildcards):
+    # A local run that computes on the CPU holds no GPU (package.gpus_here). Snakemake knows its
+    # executor only once it runs the workflow, after this file is read: hence a function.
+    return GPUS_HERE if workflow.local_exec else GPUS
 
 
 # The labels stage runs for a labelled corpus (neuronmap.config.workflow.labels_active).

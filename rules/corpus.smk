@@ -41,7 +41,7 @@ rule corpus_records:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=6000,
     params:
         settings=settings("corpus-records"),

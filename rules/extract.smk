@@ -16,7 +16,7 @@ rule extract:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=4000,
     params:
         settings=settings("extract"),

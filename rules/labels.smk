@@ -47,7 +47,7 @@ rule label_perplexity:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=6000,
     params:
         settings=settings("label-perplexity"),

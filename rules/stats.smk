@@ -108,7 +108,7 @@ rule decode:
         "../envs/neuronmap.yaml"
     threads: THREADS
     resources:
-        gpu=GPUS,
+        gpu=gpus,
         mem_mb=4000,
     params:
         settings=settings("decode"),

@@ -137,16 +137,16 @@ def test_extraction_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp
 
 def test_a_local_run_on_the_cpu_asks_for_no_gpu(monkeypatch):
     import torch
-    from neuronmap.config.workflow import gpus_per_job
+    from neuronmap.config.workflow import gpus_here, gpus_per_job
     config = validated({"device": "cpu"})
-    # Locally a CPU job holds no GPU, so the workstation's one-GPU pool must not serialize it.
-    assert gpus_per_job(config, local=True) == 0
-    # A cluster job gets what its config asks for wherever the workflow was parsed.
-    assert gpus_per_job(config, local=False) == 1
-    assert gpus_per_job({**config, "gpus_per_job": 2}, local=True) == 2
+    # A cluster job gets what its config asks for wherever the workflow was parsed ...
+    assert gpus_per_job(config) == 1
+    # ... and locally a CPU job holds no GPU, so the workstation's one-GPU pool must not serialize it.
+    assert gpus_here(config, 1) == 0
+    assert gpus_here({**config, "gpus_per_job": 2}, 2) == 2
     auto = validated({})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert gpus_per_job(auto, local=True) == 0
+    assert gpus_here(auto, 1) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert gpus_per_job(auto, local=True) == 1
+    assert gpus_here(auto, 1) == 1

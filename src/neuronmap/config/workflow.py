@@ -12,7 +12,7 @@ from .fingerprint import code_fingerprint
 from .schema import validated
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
-           "shell_prefix", "gpus_per_job", "corpus_files", "labels_active"]
+           "shell_prefix", "gpus_per_job", "gpus_here", "corpus_files", "labels_active"]
 
 
 def settings_json(command: str, config: dict) -> str:
@@ -55,17 +55,12 @@ def shell_prefix() -> str:
     return "set -euo pipefail; neuronmap() {{ " + shlex.quote(sys.executable) + ' -m neuronmap "$@"; }}; '
 
 
-def gpus_per_job(config: dict, prepared: str | None = None, local: bool = False) -> int:
+def gpus_per_job(config: dict, prepared: str | None = None) -> int:
     """GPUs a model-running job asks for (resources gpu=N): gpus_per_job, or (auto) 1 with
-    device_map single, the GPUs max_memory names, or as many as the plan needs. A local run
-    whose jobs run on the CPU (device cpu, or auto on a machine without a GPU) asks for none:
-    it holds no GPU, so the workstation profile's pool of one GPU does not make CPU jobs wait
-    for each other."""
+    device_map single, the GPUs max_memory names, or as many as the plan needs."""
     from ..plan.estimate import parse_time_plan
     if config["gpus_per_job"] != "auto":
         return int(config["gpus_per_job"])
-    if local and runs_on_cpu(config["device"]):
-        return 0
     if config["device_map"] == "single":
         return 1
     named = [key for key in config["max_memory"] if key != "cpu"]
@@ -73,6 +68,16 @@ def gpus_per_job(config: dict, prepared: str | None = None, local: bool = False)
         return len(named)
     plan = parse_time_plan(config, prepared)
     return plan["gpus_per_job"] if plan and plan["device"] == "cuda" else 1
+
+
+def gpus_here(config: dict, gpus: int) -> int:
+    """What a model-running job asks for when it runs on this machine: none when it computes on
+    the CPU (device cpu, or auto on a machine without a GPU) and gpus_per_job is auto. It holds
+    no GPU, so the workstation profile's pool of one GPU does not make CPU jobs wait for each
+    other."""
+    if config["gpus_per_job"] == "auto" and runs_on_cpu(config["device"]):
+        return 0
+    return gpus
 
 
 def runs_on_cpu(device: str) -> bool:
