@@ -39,7 +39,8 @@ from neuronmap.prepare.relations import find_relation_file, load_relation  # noq
 
 RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
              "word_first_letter", "verb_past_tense", "adj_comparative"]
-SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048)
+# The compiled statistics: the path of any shard large enough to repay compiling (fused_statistics: auto).
+SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True)
 
 
 def model_dir() -> Path:

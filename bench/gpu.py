@@ -172,7 +172,7 @@ def main() -> None:
         # (b) extraction against the bare forward
         ident = prompts(args.prompts, "identification")
         texts, ids = ident["text"].to_list(), ident["prompt_id"].to_list()
-        settings = ExtractionSettings.defaults()
+        settings = ExtractionSettings.defaults(fused_statistics=True)  # the path of large shards
         out = Path(folder) / "responses"
 
         def extraction():
