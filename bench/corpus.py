@@ -41,6 +41,7 @@ from neuronmap.corpus.engine import RecordsOutputs, RecordsPass  # noqa: E402
 from neuronmap.corpus.merge import merge_records  # noqa: E402
 from neuronmap.corpus.reading import read_documents  # noqa: E402
 from neuronmap.corpus.settings import MergeSettings, RecordsSettings  # noqa: E402
+from neuronmap.model.host_memory import reuse_freed_buffers  # noqa: E402
 from neuronmap.model.loading import load_model  # noqa: E402
 
 from extract import high_water_mark_mb, model_dir  # noqa: E402  (bench/ is this script's folder)
@@ -101,12 +102,13 @@ def time_records(model, contexts: pl.DataFrame, pad: int, workdir: Path, setting
     outputs = RecordsOutputs(workdir / "u.parquet", workdir / "e.parquet", workdir / "c.pt")
     synchronize(model)
     start = time.perf_counter()
-    RecordsPass(model, contexts, settings, CONTEXT_TOKENS, pad, torch.get_num_threads()).run(outputs)
+    RecordsPass(model, contexts, settings, CONTEXT_TOKENS, pad).run(outputs)
     synchronize(model)
     return time.perf_counter() - start
 
 
 def rss_child(n: int) -> None:
+    reuse_freed_buffers()  # as `neuronmap corpus-records` does before loading the model
     model, tokenizer = load_model(model_dir(), "cpu", "float32")
     contexts = corpus_contexts(tokenizer, n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +130,7 @@ def merged_records(model, tokenizer, contexts, shards: int, workdir: Path) -> di
         outputs = RecordsOutputs(workdir / f"{shards}-{shard}.u.parquet", workdir / f"{shards}-{shard}.e.parquet",
                                  workdir / f"{shards}-{shard}.pt")
         RecordsPass(model, contexts.filter(pl.col("shard") == shard), settings, CONTEXT_TOKENS,
-                    tokenizer.pad_token_id, torch.get_num_threads()).run(outputs)
+                    tokenizer.pad_token_id).run(outputs)
         units.append(outputs.units)
         extremes.append(outputs.extremes)
     paths = {name: workdir / f"{shards}.{name}.parquet" for name in ("units", "examples", "peak_tokens")}
@@ -192,6 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child)
+    reuse_freed_buffers()  # as `neuronmap corpus-records` does; the floor runs under it too
 
     if args.random_config:
         model, vocabulary = random_model(args.random_config, args.device, args.dtype)

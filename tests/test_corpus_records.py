@@ -51,7 +51,7 @@ def run_shards(model, tokenizer, contexts, tmp_path, shards, tag, **changes):
         part = contexts.filter(pl.col("shard") == shard)
         outputs = RecordsOutputs(tmp_path / f"{tag}-{shard}.units.parquet", tmp_path / f"{tag}-{shard}.ext.parquet",
                                  tmp_path / f"{tag}-{shard}.ckpt")
-        RecordsPass(model, part, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, threads=2).run(outputs)
+        RecordsPass(model, part, settings, CONTEXT_TOKENS, tokenizer.pad_token_id).run(outputs)
         units.append(outputs.units)
         extremes.append(outputs.extremes)
     merged = {name: tmp_path / f"{tag}.{name}.parquet" for name in ("units", "examples", "peak_tokens")}
@@ -186,8 +186,7 @@ def test_torch_path_equals_the_native_kernel():
     rng = np.random.default_rng(1)
     x = torch.from_numpy((rng.standard_normal((5, 7, 40)) * rng.choice([0.001, 1, 300], (5, 7, 40))).astype(np.float32))
     lengths = torch.tensor([7, 3, 0, 5, 1])
-    records = [SiteRecords(40, 3, 2, 0.05, torch.device("cpu")) for _ in range(2)]
-    records[1].kernel = None
+    records = [SiteRecords(40, 3, 2, 0.05, torch.device("cpu"), compiled=compiled) for compiled in (True, False)]
     assert records[0].kernel is not None, "the C kernel did not build"
     for r in records:
         for step in range(3):
@@ -228,7 +227,7 @@ def test_an_interrupted_job_resumes_to_the_same_records(smollm2, contexts, tmp_p
     shard = contexts.filter(pl.col("shard") == 0)
     settings = RecordsSettings.defaults(batch_size=2, checkpoint_minutes=0, sites=("act",))
     whole = RecordsOutputs(tmp_path / "w.units.parquet", tmp_path / "w.ext.parquet", tmp_path / "w.ckpt")
-    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(whole)
+    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id).run(whole)
     resumed = RecordsOutputs(tmp_path / "r.units.parquet", tmp_path / "r.ext.parquet", tmp_path / "r.ckpt")
     forward, calls = RecordsPass._forward, []
 
@@ -239,11 +238,11 @@ def test_an_interrupted_job_resumes_to_the_same_records(smollm2, contexts, tmp_p
         return forward(self, *args)
     monkeypatch.setattr(RecordsPass, "_forward", dies_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(resumed)
+        RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id).run(resumed)
     monkeypatch.setattr(RecordsPass, "_forward", forward)
     assert resumed.checkpoint.exists() and not resumed.units.exists()
     assert torch.load(resumed.checkpoint, weights_only=True)["batches_done"] == 2
-    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 1).run(resumed)
+    RecordsPass(model, shard, settings, CONTEXT_TOKENS, tokenizer.pad_token_id).run(resumed)
     assert not resumed.checkpoint.exists()
     for a, b in ((whole.units, resumed.units), (whole.extremes, resumed.extremes)):
         assert pl.read_parquet(a).equals(pl.read_parquet(b))

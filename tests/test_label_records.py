@@ -49,7 +49,7 @@ def record(model, tokenizer, contexts, tmp_path, tag, batch_size=4, shards=(0, 1
         part = contexts.filter((pl.col("shard") == shard) & ~pl.col("heldout"))
         out = RecordsOutputs(*(tmp_path / f"{tag}-{shard}.{kind}" for kind in ("units", "ext", "ckpt", "labels",
                                                                                "responses")))
-        RecordsPass(model, part, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, 2, LABELS, ("gate",)).run(out)
+        RecordsPass(model, part, settings, CONTEXT_TOKENS, tokenizer.pad_token_id, LABELS, ("gate",)).run(out)
         outputs.append(out)
     return outputs
 
@@ -138,8 +138,8 @@ def test_torch_path_equals_the_native_kernel_for_labels():
     x = torch.from_numpy(rng.standard_normal((5, 7, 40)).astype(np.float32))
     lengths = torch.tensor([7, 3, 0, 5, 1])
     labels = torch.tensor([1, 0, -1, 2, 1])
-    records = [SiteRecords(40, 3, 2, 0.05, torch.device("cpu"), labels=3) for _ in range(2)]
-    records[1].kernel = None
+    records = [SiteRecords(40, 3, 2, 0.05, torch.device("cpu"), labels=3, compiled=compiled)
+               for compiled in (True, False)]
     assert records[0].kernel is not None, "the C kernel did not build"
     for r in records:
         for step in range(2):

@@ -49,6 +49,7 @@ def cmd_corpus_records(args) -> None:
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from ..model.cost import counting_forwards, job_cost
+    from ..model.host_memory import reuse_freed_buffers
     from ..model.loading import load_for_job
     from .engine import RecordsOutputs, RecordsPass
     contexts = read_table(args.contexts)
@@ -58,6 +59,7 @@ def cmd_corpus_records(args) -> None:
         raise NeuronmapError(f"{args.contexts}: no contexts in shard {args.shard} (fewer documents than "
                              "corpus.shards?)")
     log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    reuse_freed_buffers()  # every batch has the same shape: its buffers serve the next one
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
     labels = corpus_labels(contexts) if args.out_labels else []
     response_sites = args.settings.label_sites if args.out_responses else ()
@@ -67,7 +69,7 @@ def cmd_corpus_records(args) -> None:
                              Path(args.out_labels) if args.out_labels else None,
                              Path(args.out_responses) if args.out_responses else None)
     records = RecordsPass(model, shard, args.settings, int(contexts["n_tokens"].max()), tokenizer.pad_token_id,
-                          args.threads or torch.get_num_threads(), labels, response_sites)
+                          labels, response_sites)
     with counting_forwards(model) as count:
         records.run(outputs)
     write_table(job_cost("corpus", f"shard-{args.shard}", shard.height, count), args.out_cost, tables.JOB_COST)

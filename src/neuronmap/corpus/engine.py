@@ -59,7 +59,7 @@ class RecordsOutputs:
 
 class RecordsPass:
     def __init__(self, model, contexts: pl.DataFrame, settings: RecordsSettings, context_tokens: int,
-                 pad_token_id: int | None, threads: int = 1, labels: list[str] | None = None,
+                 pad_token_id: int | None, labels: list[str] | None = None,
                  response_sites: tuple[str, ...] = ()):
         self.model, self.settings, self.context_tokens = model, settings, context_tokens
         self.pad = pad_token_id if pad_token_id is not None else 0
@@ -69,8 +69,6 @@ class RecordsPass:
         self.device = input_device(model)
         self.sites = MlpSites(model)
         self.sites.check(settings.sites)
-        # One pool for the whole pass: the kernel releases the GIL, so its threads split each batch by units.
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         # Labels of the whole corpus, so that every shard numbers them alike.
         self.labels = list(labels or [])
         self.row_labels = torch.tensor(
@@ -79,7 +77,7 @@ class RecordsPass:
         self.response_sites = tuple(response_sites)
         self.records = {(site, layer): SiteRecords(self.sites.width(site), max(settings.peak_token_contexts, settings.examples),
                                                    settings.examples, settings.active_threshold,
-                                                   site_device(self.sites, site, layer), self.pool, len(self.labels))
+                                                   site_device(self.sites, site, layer), len(self.labels))
                         for layer in range(self.sites.n_layers) for site in settings.sites}
         missing = set(self.response_sites) - set(settings.sites)
         if missing:
@@ -107,7 +105,7 @@ class RecordsPass:
         token_ids = self.contexts["token_ids"].to_list()
         context_ids = self.contexts["context_id"].to_numpy()
         spill = self._open_spill(outputs.spill, batches[done][0] if done < len(batches) else self.contexts.height)
-        with self._installed(), self._threads(), torch.inference_mode(), spill:
+        with self._installed(), torch.inference_mode(), spill:
             progress = tqdm(total=len(batches), initial=done, desc=f"records {outputs.units.name}", unit="batch",
                             mininterval=5)
             for index in range(done, len(batches)):
@@ -121,10 +119,14 @@ class RecordsPass:
                     last_save = time.monotonic()
             progress.close()
         self.tokens = int(self.contexts["n_tokens"].sum())
-        write_row_groups(self._unit_parts(), outputs.units, tables.RECORDS_PARTIAL)
-        write_row_groups(self._extreme_parts(), outputs.extremes, tables.EXTREMES_PARTIAL)
+        files = [(self._unit_parts, outputs.units, tables.RECORDS_PARTIAL),
+                 (self._extreme_parts, outputs.extremes, tables.EXTREMES_PARTIAL)]
         if outputs.labels is not None:
-            write_row_groups(self._label_parts(), outputs.labels, tables.LABEL_RECORDS_PARTIAL)
+            files.append((self._label_parts, outputs.labels, tables.LABEL_RECORDS_PARTIAL))
+        # Side by side: Arrow builds and encodes without the GIL, and the pass's threads are idle now.
+        with ThreadPoolExecutor(len(files)) as pool:
+            for done in [pool.submit(write_row_groups, parts(), path, schema) for parts, path, schema in files]:
+                done.result()
         if outputs.responses is not None:
             self._write_responses(outputs.spill, outputs.responses)
         outputs.checkpoint.unlink(missing_ok=True)
@@ -161,14 +163,6 @@ class RecordsPass:
         finally:
             for handle in handles:
                 handle.remove()
-
-    @contextlib.contextmanager
-    def _threads(self):
-        try:
-            yield
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
 
     def _hook(self, records: SiteRecords, is_input: bool):
         def read(module, args, output=None):
@@ -287,11 +281,16 @@ class RecordsPass:
                 for kind, (keys, positions) in self.records[(site, layer)].extremes().items():
                     kept, width = keys.shape
                     sign = 1.0 if kind == "top" else -1.0
-                    parts.append(pl.DataFrame({
-                        "site": [site] * keys.numel(), "layer": np.full(keys.numel(), layer, np.int32),
-                        "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": [kind] * keys.numel(),
+                    rows = keys.numel()
+                    parts.append(pa.table({
+                        "site": _repeated(site, rows), "layer": np.full(rows, layer, np.int32),
+                        "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": _repeated(kind, rows),
                         "value": (sign * key_values(keys)).numpy().ravel(),
                         "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()},
-                        schema={"site": pl.String, "layer": pl.Int32, "unit": pl.Int32, "kind": pl.String,
-                                "value": pl.Float32, "context_id": pl.Int64, "position": pl.Int32}))
-            yield pl.concat(parts).to_arrow()
+                        schema=tables.EXTREMES_PARTIAL))
+            yield pa.concat_tables(parts)
+
+
+def _repeated(text: str, rows: int) -> pa.Array:
+    """A string column of one value, built in Arrow (a Python list of millions costs seconds)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int8)), pa.array([text])).cast(pa.string())

@@ -1,7 +1,10 @@
 """The records kernel (records_kernel.c), compiled once per machine with the C compiler that
-torch.compile needs anyway and called through ctypes, which releases the GIL: threads split a
-batch by columns. Where no compiler works, `load()` returns None and the records are computed
-by the torch code in reductions.py: the same numbers to float rounding, only slower."""
+torch.compile needs anyway and called through ctypes. Built with OpenMP where the compiler has
+it: linked against libgomp.so.1, it binds to the copy torch has already loaded, so its threads
+are torch's own (split by units), not a second team fighting torch's spinning workers for the
+cores; without OpenMP it runs on one thread. Where no compiler works, `load()` returns None and
+the records are computed by the torch code in reductions.py: the same numbers to float
+rounding, only slower."""
 
 from __future__ import annotations
 
@@ -47,12 +50,18 @@ def _build(target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         pass
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp.name, "-lm"], check=True, capture_output=True,
-                       text=True)
-        os.replace(tmp.name, target)  # concurrent jobs of one workflow may build at once
-    except subprocess.CalledProcessError as error:
+        for extra in (("-fopenmp",), ()):
+            result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp.name, "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                if not extra:
+                    log.warning("records kernel built without OpenMP: it runs on one thread")
+                os.replace(tmp.name, target)  # concurrent jobs of one workflow may build at once
+                return
+        message = result.stderr.strip()
+        raise OSError(message.splitlines()[-1] if message else f"{compiler} exited with {result.returncode}")
+    finally:
         Path(tmp.name).unlink(missing_ok=True)
-        raise OSError(error.stderr.strip().splitlines()[-1] if error.stderr.strip() else str(error)) from error
 
 
 def load() -> ctypes.CDLL | None:
@@ -63,6 +72,7 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     if os.environ.get("NEURONMAP_NATIVE", "1") == "0":
         return None
+    import torch  # noqa: F401  (loaded first, its libgomp.so.1 is the one the kernel binds to)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode()
                          + _cpu_identity().encode()).hexdigest()[:16]
     target = cache_dir() / f"records-{key}.so"
@@ -74,8 +84,9 @@ def load() -> ctypes.CDLL | None:
         log.warning("records kernel not compiled (%s); computing records with torch", error)
         return None
     pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, i64, i64, f32] + [pointer] * 15
-                                        + [i64, pointer, pointer, i64, pointer, pointer, i64, pointer, pointer])
+    library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, f32] + [pointer] * 10
+                                        + [i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64]
+                                        + [pointer, pointer])
     library.records_reduce.restype = None
     library.records_bins_of.argtypes = [pointer, i64, pointer]
     library.records_bins.restype = ctypes.c_int

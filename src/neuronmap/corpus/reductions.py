@@ -2,8 +2,9 @@
 pairwise update, exact in exact arithmetic whatever the grouping), firing counts, the extremes,
 the histogram of histogram.py, and the contexts with the highest and lowest peaks.
 
-On the CPU the per-token work is one call of the compiled kernel (native.py) per column range,
-on threads; elsewhere (a GPU), or without a compiler, the same records come from torch code.
+On the CPU the per-token work is one call of the compiled kernel (native.py) per batch, on
+torch's OpenMP threads; elsewhere (a GPU), or without a compiler, the same records come from
+torch code.
 Top and bottom contexts are kept as int64 keys that order by value and then by context id, so
 a running top-k keeps exactly the contexts a global sort would, whatever the shards and batches.
 """
@@ -11,16 +12,14 @@ a running top-k keeps exactly the contexts a global sort would, whatever the sha
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from . import native
 from .histogram import BINS, bins_of
 
 STATE = ("mean", "m2", "m3", "m4", "n_positive", "n_active", "minimum", "maximum", "hist",
-         "top_keys", "top_positions", "bottom_keys", "bottom_positions")
+         "top_keys", "top_positions", "top_roots", "bottom_keys", "bottom_positions", "bottom_roots")
 SCALARS = ("count", "rows")
 LABEL_STATE = ("label_sum", "label_positive")
 
@@ -50,11 +49,10 @@ class SiteRecords:
     counts), and after each batch `row_means` [rows, width]: each context's mean response."""
 
     def __init__(self, width: int, top: int, bottom: int, threshold: float, device: torch.device,
-                 pool: ThreadPoolExecutor | None = None, labels: int = 0):
+                 labels: int = 0, compiled: bool = True):
         self.width, self.top, self.bottom, self.threshold = width, top, bottom, threshold
         self.labels = labels
-        self.device, self.pool = torch.device(device), pool
-        self.threads = pool._max_workers if pool is not None else 1
+        self.device = torch.device(device)
         self.count = 0   # tokens seen
         self.rows = 0    # contexts seen
         cpu = self.device.type == "cpu"
@@ -65,14 +63,19 @@ class SiteRecords:
         self.maximum = torch.full((width,), float("-inf"), device=self.device)
         # Per shard a count fits int32 (the job checks its tokens); merged counts are int64.
         self.hist = torch.zeros(width, BINS, dtype=torch.int32 if cpu else torch.int64, device=self.device)
-        self.kernel = native.load() if cpu else None
-        # The kernel keeps each unit's best contexts in a heap of fixed size; torch, sorted rows
-        # that grow to that size. Either way `extremes()` gives the kept ones, best first.
-        slots = (lambda k: k) if self.kernel is not None else (lambda k: 0)
-        self.top_keys = torch.zeros(slots(top), width, dtype=torch.int64, device=self.device)
-        self.top_positions = torch.zeros(slots(top), width, dtype=torch.int32, device=self.device)
-        self.bottom_keys = torch.zeros(slots(bottom), width, dtype=torch.int64, device=self.device)
-        self.bottom_positions = torch.zeros(slots(bottom), width, dtype=torch.int32, device=self.device)
+        self.kernel = native.load() if cpu and compiled else None
+        # The kernel keeps each unit's best contexts in a heap of fixed size, a unit's heap in its
+        # row, with a copy of each heap's root (roots); torch, sorted [kept, width] rows that grow
+        # to that size. Either way `extremes()` gives the kept ones, best first.
+        if self.kernel is not None:
+            heap = lambda cap, dtype: torch.zeros(width, cap, dtype=dtype)
+            roots = lambda: torch.zeros(width, dtype=torch.int64)
+        else:
+            heap = lambda cap, dtype: torch.zeros(0, width, dtype=dtype, device=self.device)
+            roots = lambda: torch.zeros(0, dtype=torch.int64)
+        self.top_keys, self.top_positions = heap(top, torch.int64), heap(top, torch.int32)
+        self.bottom_keys, self.bottom_positions = heap(bottom, torch.int64), heap(bottom, torch.int32)
+        self.top_roots, self.bottom_roots = roots(), roots()
         self.label_sum = torch.zeros(labels, width, dtype=torch.float64, device=self.device)
         self.label_positive = torch.zeros(labels, width, dtype=torch.int64, device=self.device)
         self.row_means: torch.Tensor | None = None
@@ -101,6 +104,8 @@ class SiteRecords:
         for kind, keys, positions, cap in (("top", self.top_keys, self.top_positions, self.top),
                                            ("bottom", self.bottom_keys, self.bottom_positions, self.bottom)):
             kept = min(self.rows, cap)
+            if self.kernel is not None:
+                keys, positions = keys[:, :kept].T, positions[:, :kept].T
             keys, positions = keys[:kept].cpu(), positions[:kept].cpu()
             keys, order = torch.sort(keys, dim=0, descending=True)
             out[kind] = (keys, positions.gather(0, order))
@@ -119,32 +124,19 @@ class SiteRecords:
         rows, T, n = x.shape
         lengths = lengths.to(torch.int64).contiguous()
         contexts = contexts.to(torch.int64).contiguous()
-        scratch_rows = (torch.empty(rows, n), torch.empty(rows, n, dtype=torch.int32),
-                        torch.empty(rows, n), torch.empty(rows, n, dtype=torch.int32))
-        step = -(-n // self.threads)
-        step = -(-step // 16) * 16  # whole cache lines per thread
-        ranges = [(j, min(j + step, n)) for j in range(0, n, step)]
         state = [self.mean, self.m2, self.m3, self.m4, self.n_positive, self.n_active, self.minimum,
-                 self.maximum, self.hist, *scratch_rows]
-        pointers = [t.data_ptr() for t in state]
-        heaps = (self.top_keys.data_ptr(), self.top_positions.data_ptr(), self.top,
-                 self.bottom_keys.data_ptr(), self.bottom_positions.data_ptr(), self.bottom)
+                 self.maximum, self.hist]
+        heaps = (self.top_keys.data_ptr(), self.top_positions.data_ptr(), self.top_roots.data_ptr(), self.top,
+                 self.bottom_keys.data_ptr(), self.bottom_positions.data_ptr(), self.bottom_roots.data_ptr(),
+                 self.bottom)
         if self.labels:
             row_means, row_positive = torch.zeros(rows, n, dtype=torch.float64), torch.zeros(rows, n, dtype=torch.int32)
             per_row = (row_means.data_ptr(), row_positive.data_ptr())
         else:
             per_row = (None, None)
-
-        def run(bounds):
-            j0, j1 = bounds
-            scratch = np.empty(6 * (j1 - j0))  # four sums, the shift, then two int32 counts per unit
-            self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), j0, j1, self.count,
-                                       ctypes.c_float(self.threshold), *pointers, scratch.ctypes.data,
-                                       contexts.data_ptr(), self.rows, *heaps, *per_row)
-        if len(ranges) == 1:
-            run(ranges[0])
-        else:
-            list(self.pool.map(run, ranges))
+        self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), self.count,
+                                   ctypes.c_float(self.threshold), *(t.data_ptr() for t in state),
+                                   contexts.data_ptr(), self.rows, *heaps, *per_row)
         self.count += int(lengths.sum())
         self.rows += int((lengths > 0).sum())
         if self.labels:

@@ -6,7 +6,9 @@ import ctypes
 import os
 import sys
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses more on 64-bit (half its 64 MiB heap size)
 
 
 def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
@@ -23,5 +25,23 @@ def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+def reuse_freed_buffers(keep: int = 1 << 30) -> None:
+    """Make glibc keep freed host buffers (up to 32 MiB each) on its heap for the next batch,
+    and return at most `keep` bytes of free heap to the OS. For a job whose batches all have one
+    shape (the corpus pass) the next batch needs the same buffers again; by default, glibc's
+    moving thresholds had the records pass fault in about 900 MB of fresh pages per batch on the
+    default model (0.3 s a batch, 12% of the forward) where the bare forward faulted in none.
+    Peak RSS stays what one batch needs: the same shapes fit the same freed blocks. A user's
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins; other C libraries are left alone."""
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, keep)
     except (OSError, AttributeError):
         pass
