@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # A shard's histogram counts are int32 on the CPU; the merge adds them as int64.
 MAX_SHARD_TOKENS = 2 ** 31 - 1
+# Raised whenever the running records' layout changes (2: the kernel's heaps one row per unit,
+# with their roots), so that a checkpoint of an older version is started over, not misread.
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,10 @@ class RecordsPass:
         return [(start, min(start + size, self.contexts.height)) for start in range(0, self.contexts.height, size)]
 
     def fingerprint(self) -> str:
-        """What a checkpoint must have been made from to be resumed: these settings, contexts and model."""
-        digest = hashlib.sha256(self.settings.to_json().encode())
+        """What a checkpoint must have been made from to be resumed: these settings, contexts and
+        model, and this layout of the records."""
+        digest = hashlib.sha256(f"records checkpoint {CHECKPOINT_FORMAT}".encode())
+        digest.update(self.settings.to_json().encode())
         digest.update(np.asarray(self.contexts["context_id"].to_numpy(), np.int64).tobytes())
         digest.update(np.asarray(self.contexts["n_tokens"].to_numpy(), np.int64).tobytes())
         digest.update(repr((self.context_tokens, self.model.config.to_json_string(), self.labels,
