@@ -43,7 +43,6 @@ def args_corpus_contexts(p) -> None:
 def cmd_corpus_records(args) -> None:
     """every unit's records over one shard's contexts, resumable from its checkpoint"""
     import polars as pl
-    import torch
 
     from ..errors import NeuronmapError
     from ..io import tables

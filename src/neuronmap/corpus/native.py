@@ -87,8 +87,6 @@ def load() -> ctypes.CDLL | None:
     library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, f32] + [pointer] * 10
                                         + [i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64]
                                         + [pointer, pointer])
-    library.records_reduce.restype = None
-    library.records_bins_of.argtypes = [pointer, i64, pointer]
-    library.records_bins.restype = ctypes.c_int
+    library.records_reduce.restype = ctypes.c_int
     _library = library
     return library

@@ -51,16 +51,6 @@ static inline vi bins_of(vf v) {
     return select_i(code < 0, code - code + HALF, signed_bin);
 }
 
-int records_bins(void) { return BINS; }
-
-void records_bins_of(const float *x, int64_t count, int32_t *out) {
-    for (int64_t i = 0; i < count; i++) {
-        vf v = {0};
-        v[0] = x[i];
-        out[i] = bins_of(v)[0];
-    }
-}
-
 /* Keys that order by value, then by lower context id: the float made monotone in the high 32
    bits, the complement of the context id in the low 32 (reductions.order_key does the same). */
 static inline int64_t order_key(float v, int64_t context) {
@@ -271,16 +261,17 @@ static void merge_batch(const Batch *b, const Sums *sums, int64_t j0, int64_t j1
     }
 }
 
-/* Units [j0, j1) over the whole batch. */
-static void range_of_batch(const Batch *b, int64_t j0, int64_t j1) {
+/* Units [j0, j1) over the whole batch; 0, or -1 where the sums' memory was refused. */
+static int range_of_batch(const Batch *b, int64_t j0, int64_t j1) {
     int64_t first_row = 0, tokens = 0;
     while (first_row < b->rows && b->lengths[first_row] <= 0) first_row++;
-    if (j0 >= j1 || first_row == b->rows) return;
+    if (j0 >= j1 || first_row == b->rows) return 0;
     const int64_t slots = (j1 - j0 + BLOCK - 1) / BLOCK * BLOCK;
-    double *doubles = calloc((size_t)(5 * slots), sizeof(double));
-    int32_t *ints = calloc((size_t)(2 * slots), sizeof(int32_t));
-    float *floats = malloc((size_t)(2 * slots) * sizeof(float));
-    if (doubles == NULL || ints == NULL || floats == NULL) abort();  /* tens of kB: not worth a code path */
+    /* One zeroed block: five doubles, two int32 and two floats per slot, doubles first. */
+    double *doubles = calloc((size_t)slots, 5 * sizeof(double) + 2 * sizeof(int32_t) + 2 * sizeof(float));
+    if (doubles == NULL) return -1;
+    int32_t *ints = (int32_t *)(doubles + 5 * slots);
+    float *floats = (float *)(ints + 2 * slots);
     const Sums sums = {doubles, doubles + slots, doubles + 2 * slots, doubles + 3 * slots, doubles + 4 * slots,
                        ints, ints + slots, floats, floats + slots};
     for (int64_t o = 0; o < slots; o++) {
@@ -297,14 +288,14 @@ static void range_of_batch(const Batch *b, int64_t j0, int64_t j1) {
     }
     merge_batch(b, &sums, j0, j1, tokens);
     free(doubles);
-    free(ints);
-    free(floats);
+    return 0;
 }
 
 /* The whole batch, every unit: on OpenMP's threads where the kernel was built with it (the
    runtime torch has loaded, so the work goes to the threads its matrix products just used,
-   instead of competing with them while they spin), each taking whole cache lines of units. */
-void records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const int64_t *lengths,
+   instead of competing with them while they spin), each taking whole cache lines of units.
+   Returns how many threads were refused memory for their sums (tens of kB): 0, normally. */
+int records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const int64_t *lengths,
                     int64_t count_before, float threshold,
                     double *mean, double *m2, double *m3, double *m4,
                     int64_t *n_positive, int64_t *n_active, float *vmin, float *vmax, int32_t *hist,
@@ -316,6 +307,7 @@ void records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const in
                          threshold, mean, m2, m3, m4, n_positive, n_active, vmin, vmax, hist,
                          top_keys, bottom_keys, top_roots, bottom_roots, top_pos, bottom_pos,
                          row_mean_out, row_positive_out};
+    int failed = 0;
 #pragma omp parallel
     {
 #ifdef _OPENMP
@@ -325,6 +317,10 @@ void records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const in
 #endif
         const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
         const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
-        range_of_batch(&batch, j0, j1);
+        if (range_of_batch(&batch, j0, j1) != 0) {
+#pragma omp atomic
+            failed++;
+        }
     }
+    return failed;
 }

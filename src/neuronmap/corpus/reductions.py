@@ -15,6 +15,7 @@ import ctypes
 
 import torch
 
+from ..errors import NeuronmapError
 from . import native
 from .histogram import BINS, bins_of
 
@@ -134,9 +135,14 @@ class SiteRecords:
             per_row = (row_means.data_ptr(), row_positive.data_ptr())
         else:
             per_row = (None, None)
-        self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), self.count,
-                                   ctypes.c_float(self.threshold), *(t.data_ptr() for t in state),
-                                   contexts.data_ptr(), self.rows, *heaps, *per_row)
+        refused = self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), self.count,
+                                             ctypes.c_float(self.threshold), *(t.data_ptr() for t in state),
+                                             contexts.data_ptr(), self.rows, *heaps, *per_row)
+        if refused:
+            # Part of this batch is already in the records: going on would count it twice.
+            raise NeuronmapError("out of host memory while adding a batch to the corpus records: lower "
+                                 "corpus.batch_size or run fewer jobs at once; the job resumes from its last "
+                                 "checkpoint")
         self.count += int(lengths.sum())
         self.rows += int((lengths > 0).sum())
         if self.labels:

@@ -20,13 +20,7 @@ def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> None:
     mapping per large buffer: the ablation's generation loop ran 40% slower with it, so only
     extraction asks for it. A user's MALLOC_MMAP_THRESHOLD_ wins; other C libraries are left
     alone."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
+    _mallopt({_M_MMAP_THRESHOLD: threshold}, "MALLOC_MMAP_THRESHOLD_")
 
 
 def reuse_freed_buffers(keep: int = 1 << 30) -> None:
@@ -37,11 +31,18 @@ def reuse_freed_buffers(keep: int = 1 << 30) -> None:
     default model (0.3 s a batch, 12% of the forward) where the bare forward faulted in none.
     Peak RSS stays what one batch needs: the same shapes fit the same freed blocks. A user's
     MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins; other C libraries are left alone."""
-    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+    _mallopt({_M_MMAP_THRESHOLD: _MMAP_THRESHOLD_MAX, _M_TRIM_THRESHOLD: keep},
+             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _mallopt(values: dict[int, int], *user_variables: str) -> None:
+    """glibc's mallopt(parameter, value) for each; nothing where a user set one of
+    `user_variables` or the C library is not glibc."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in user_variables):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, keep)
+        for parameter, value in values.items():
+            libc.mallopt(parameter, value)
     except (OSError, AttributeError):
         pass
