@@ -92,6 +92,16 @@ def test_a_real_change_counts_for_the_commands_that_run_it(package):
     assert fingerprint(package, "one") != one
 
 
+def test_a_c_kernel_a_module_compiles_counts_as_its_code(package):
+    (package / "neuronmap/stage/kernel.c").write_text("int twice(int x) { return 2 * x; }\n")
+    edit(package, "neuronmap/stage/work.py", "def work():", 'SOURCE = "kernel.c"\n\ndef work():')
+    one, two = fingerprint(package, "one"), fingerprint(package, "two")
+    edit(package, "neuronmap/stage/kernel.c", "2 * x", "3 * x")
+    assert fingerprint(package, "one") != one and fingerprint(package, "two") == two
+    extract = command_modules("extract", REPO / "src")
+    assert "statistics_kernel.c" in extract["neuronmap.model.native_statistics"]
+
+
 def test_the_real_commands_run_their_stage_and_not_the_others():
     root = REPO / "src"
     report = command_modules("report", root)

@@ -1,8 +1,10 @@
-"""The fused (torch.compile'd) per-token statistics equal the pass-by-pass ones."""
+"""The fused per-token statistics (the C kernel on the CPU, torch.compile'd on a GPU, or where
+the kernel does not compile) equal the pass-by-pass ones."""
 
+import pytest
 import torch
 
-from neuronmap.model import hooks
+from neuronmap.model import hooks, native_statistics
 from neuronmap.model.architectures import MlpSites
 from neuronmap.model.hooks import SiteRecorder, TokenMask, observe
 
@@ -16,8 +18,24 @@ def _batch(lengths, width, seed=0):
     return x, attention
 
 
-def test_fused_statistics_equal_the_pass_by_pass_ones():
-    for lengths, width, exclude_first in (([7, 5, 3], 16, False), ([9, 9], 8, True), ([4, 2, 2, 1], 12, False)):
+@pytest.fixture(params=["C kernel", "compiled"])
+def fused_path(request, monkeypatch):
+    """Runs a test on each fused path; the compiled one is what a GPU runs."""
+    if request.param == "C kernel":
+        assert native_statistics.available(), "the statistics kernel did not compile"
+    else:
+        monkeypatch.setattr(hooks, "runs_natively", lambda x: False)
+    return request.param
+
+
+# Widths that fill whole blocks of 16 units, end in a partial one, or are smaller than one; rows
+# of one token with the first excluded have no valid token at all.
+CASES = (([7, 5, 3], 16, False), ([9, 9], 8, True), ([4, 2, 2, 1], 12, False), ([6, 1, 3], 40, True),
+         ([5, 5, 2], 37, False))
+
+
+def test_fused_statistics_equal_the_pass_by_pass_ones(fused_path):
+    for lengths, width, exclude_first in CASES:
         x, attention = _batch(lengths, width)
         mask = TokenMask.from_attention_mask(attention, exclude_first)
         eager = observe(x, mask, ("mean", "max", "last"), 0.5, fused=False)
@@ -34,6 +52,8 @@ def test_fused_statistics_equal_the_pass_by_pass_ones():
 
 
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
+    monkeypatch.setattr(hooks, "runs_natively", lambda x: False)
+
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(hooks, "_compiled", {hooks.site_reductions: broken})
@@ -46,7 +66,7 @@ def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
     torch.testing.assert_close(seen.total, expected.total)
 
 
-def test_the_fused_mlp_forward_reads_what_the_hooks_read_and_is_removed(tiny_llama):
+def test_the_fused_mlp_forward_reads_what_the_hooks_read_and_is_removed(tiny_llama, fused_path):
     """Gate, up and act from the fused MLP forward against per-site hooks on the same batch;
     the model's output is unchanged to float rounding and its MLPs get their forward back."""
     sites = MlpSites(tiny_llama)
@@ -96,8 +116,14 @@ def test_an_mlp_whose_forward_is_already_wrapped_is_read_by_hooks_and_left_alone
         del mlp.forward
 
 
-def test_auto_compiles_only_shards_large_enough_to_repay_it():
-    from neuronmap.extract.engine import FUSED_MIN_TOKENS, fuse_statistics
-    assert not fuse_statistics("auto", FUSED_MIN_TOKENS - 1)
-    assert fuse_statistics("auto", FUSED_MIN_TOKENS)
-    assert fuse_statistics(True, 1) and not fuse_statistics(False, 10 * FUSED_MIN_TOKENS)
+def test_auto_compiles_only_shards_large_enough_to_repay_it(monkeypatch):
+    from neuronmap.extract.engine import FUSED_MIN_TOKENS, fuse_statistics, statistics_path
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not fuse_statistics("auto", FUSED_MIN_TOKENS - 1, gpu)
+    assert fuse_statistics("auto", FUSED_MIN_TOKENS, gpu)
+    assert fuse_statistics(True, 1, gpu) and not fuse_statistics(False, 10 * FUSED_MIN_TOKENS, gpu)
+    # On the CPU the C kernel costs no compilation: auto always fuses, unless it did not compile.
+    assert fuse_statistics("auto", 1, cpu) and statistics_path(True, cpu) == "C kernel"
+    assert not fuse_statistics(False, 1, cpu) and statistics_path(False, cpu) == "eager"
+    monkeypatch.setattr(native_statistics, "available", lambda: False)
+    assert not fuse_statistics("auto", FUSED_MIN_TOKENS - 1, cpu) and statistics_path(True, cpu) == "compiled"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 PACKAGE = "neuronmap"
@@ -45,6 +46,14 @@ def _command_only(tree: ast.Module, command: str) -> ast.Module:
 # (file, its text, command) -> (stripped tree as text, package modules it imports): the workflow
 # asks for every rule's fingerprint at each parse, and the rules share most modules.
 _READ: dict[tuple, tuple[str, frozenset[str]]] = {}
+
+
+def _kernel_sources(path: Path, text: str) -> str:
+    """The C sources a module compiles (a string naming a .c file beside it, such as
+    model/statistics_kernel.c): their numbers are the module's, so a change to one reruns what
+    the module computes."""
+    names = sorted(set(re.findall(r"[\"']([\w.-]+\.c)[\"']", text)))
+    return "".join(f"\n{name}\n{(path.parent / name).read_text()}" for name in names if (path.parent / name).is_file())
 
 
 class ModuleGraph:
@@ -94,10 +103,11 @@ class ModuleGraph:
     def read(self, module: str, command: str | None = None) -> tuple[str, frozenset[str]]:
         path = self.path(module)
         text = path.read_text()
-        key = (str(path), text, command)
+        kernels = _kernel_sources(path, text)
+        key = (str(path), text, kernels, command)
         if key not in _READ:
             tree = self.tree(module, command, text)
-            _READ[key] = (ast.dump(tree), frozenset(self.imports(module, tree)))
+            _READ[key] = (ast.dump(tree) + kernels, frozenset(self.imports(module, tree)))
         return _READ[key]
 
     def closure(self, module: str, command: str | None = None) -> dict[str, str]:

@@ -18,6 +18,7 @@ from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import free_device_memory, is_out_of_memory, length_sorted_batches
 from ..model.hooks import SiteRecorder, TokenMask
+from ..model import native_statistics
 from ..model.dispatch import input_device, site_device
 from ..model.prefix_cache import (NO_PREFIX, SharedPrefixes, forward_prefixes, positions_of,
                                   split_prompts, with_cache)
@@ -31,15 +32,23 @@ log = logging.getLogger(__name__)
 FUSED_MIN_TOKENS = 4_000
 
 
-def fuse_statistics(setting: bool | str, tokens: int) -> bool:
-    """Whether this shard's per-token statistics run in the compiled kernel. With auto, only when
-    it has enough tokens to repay the compilation: on SmolLM2-135M with one CPU thread, compiling
-    took 4.4 s per job with a warm compile cache (9 s cold), and the eager statistics cost 1.3 to
-    1.7 ms per token more than the compiled ones (1,078 and 10,880 tokens), so compiling pays
-    from about 3,000 tokens. On a GPU eager statistics cost less per token, so it pays later."""
+def fuse_statistics(setting: bool | str, tokens: int, device: torch.device) -> bool:
+    """Whether this shard's per-token statistics are fused. On the CPU, where the C kernel
+    computes them (model/statistics_kernel.c, built once per machine), auto always fuses. On a
+    GPU they are compiled per job, so auto fuses only a shard with enough tokens to repay it: on
+    SmolLM2-135M with one CPU thread, compiling took 4.4 s per job with a warm compile cache
+    (9 s cold), and the eager statistics cost 1.3 to 1.7 ms per token more than the compiled
+    ones (1,078 and 10,880 tokens), so compiling pays from about 3,000 tokens; on a GPU eager
+    statistics cost less per token, so it pays later still."""
     if setting == "auto":
-        return tokens >= FUSED_MIN_TOKENS
+        return tokens >= FUSED_MIN_TOKENS or (device.type == "cpu" and native_statistics.available())
     return bool(setting)
+
+
+def statistics_path(fused: bool, device: torch.device) -> str:
+    if not fused:
+        return "eager"
+    return "C kernel" if device.type == "cpu" and native_statistics.available() else "compiled"
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,9 @@ class Extraction:
         self.prompt_ids, self.texts = prompt_ids, texts
         self.prompts = split_prompts(tokenizer, prefixes or [""] * len(texts), texts)
         tokens = sum(map(len, self.prompts.queries))
-        fused = fuse_statistics(settings.fused_statistics, tokens)
-        log.info("per-token statistics %s (fused_statistics: %s, %d query tokens)",
-                 "compiled" if fused else "eager", settings.fused_statistics, tokens)
+        fused = fuse_statistics(settings.fused_statistics, tokens, self.device)
+        log.info("per-token statistics: %s (fused_statistics: %s, %d query tokens)",
+                 statistics_path(fused, self.device), settings.fused_statistics, tokens)
         self.recorder = SiteRecorder(self.sites, settings.sites, settings.poolings, settings.active_threshold,
                                      fused, store_dtype)
         bos = tokenizer.bos_token_id

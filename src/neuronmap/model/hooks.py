@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native_statistics
 from .architectures import MlpSites, fusable_activation
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class TokenMask:
             valid[:, 0] = False
         counts = valid.sum(1, keepdim=True)
         return cls(valid, lengths, counts.clamp(min=1).float(), int(counts.sum()))
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[start, end) of each row's valid tokens (int64, on the CPU), for the C kernel."""
+        return native_statistics.row_bounds(self.valid, self.lengths)
 
     def to(self, device: torch.device) -> "TokenMask":
         """The mask on `device` (itself where it already is): a dispatched model's layers read it
@@ -81,13 +86,25 @@ def site_reductions(x: torch.Tensor, valid: torch.Tensor, active_threshold: floa
     return sums, total_sq, positive, active, maxima, peaks, minimum
 
 
+def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """A gated MLP's down-projection input, as the model's own forward computes it."""
+    return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+
+
 def gated_mlp_statistics(gate: torch.Tensor, up: torch.Tensor, valid: torch.Tensor, active_threshold: float,
                          activation: str):
-    """A gated MLP's down-projection input act = activation(gate) * up, and the
-    `site_reductions` of gate, up and act: compiled, one pass that reads gate and up once."""
-    act = (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+    """act = `gated_act(gate, up)` and the `site_reductions` of gate, up and act: compiled, one
+    pass that reads gate and up once."""
+    act = gated_act(gate, up, activation)
     return (act, site_reductions(gate.float(), valid, active_threshold),
             site_reductions(up.float(), valid, active_threshold), site_reductions(act.float(), valid, active_threshold))
+
+
+def runs_natively(x: torch.Tensor) -> bool:
+    """Whether fused statistics of x come from the C kernel (on the CPU, where it compiled), not
+    from torch.compile: its code computes them in one pass on torch's threads, where
+    torch.compile's CPU code took several passes on one thread, and it costs no compilation."""
+    return x.device.type == "cpu" and native_statistics.available()
 
 
 _compiled: dict = {}
@@ -117,8 +134,12 @@ def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_th
     reductions come from one compiled kernel; otherwise from the same code run eagerly."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     valid = mask.valid.unsqueeze(-1)
-    statistics = (run_fused(site_reductions, x, valid, active_threshold) if fused
-                  else site_reductions(x, valid, active_threshold))
+    if fused and runs_natively(x):
+        statistics, = native_statistics.site_statistics([x], mask.bounds(), active_threshold)
+    elif fused:
+        statistics = run_fused(site_reductions, x, valid, active_threshold)
+    else:
+        statistics = site_reductions(x, valid, active_threshold)
     return summarize(x, mask, poolings, statistics, pooled_dtype)
 
 
@@ -184,8 +205,12 @@ class SiteRecorder:
         def forward(x):
             gate, up = gate_proj(x), up_proj(x)
             mask = self.mask_on(gate.device)
-            act, *statistics = run_fused(gated_mlp_statistics, gate, up, mask.valid.unsqueeze(-1),
-                                         self.active_threshold, activation)
+            if runs_natively(gate):
+                act = gated_act(gate, up, activation)
+                statistics = native_statistics.site_statistics([gate, up, act], mask.bounds(), self.active_threshold)
+            else:
+                act, *statistics = run_fused(gated_mlp_statistics, gate, up, mask.valid.unsqueeze(-1),
+                                             self.active_threshold, activation)
             for site, values, seen in zip(("gate", "up", "act"), (gate, up, act), statistics):
                 self.observations[(site, layer)] = summarize(values, mask, self.poolings, seen, self.pooled_dtype)
             return down_proj(act)

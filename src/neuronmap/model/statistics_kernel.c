@@ -1,0 +1,136 @@
+/* The per-token statistics of one or more sites of a layer (called by neuronmap.model.native_statistics):
+   what model.hooks.site_reductions computes, in one pass over each site's activations.
+
+   Each site's x is a right-padded batch [rows, T, n] of float32; row r's valid tokens are
+   [starts[r], ends[r]). Per row and unit: the sum, the maximum and its first position; per unit:
+   the sum of squares (float per row, then double), the tokens > 0 and with |x| > threshold, the
+   minimum. Sixteen units at a time (one cache line, one AVX-512 register through GCC's and
+   Clang's vector types), all in registers for a row; rows outer and blocks inner, so the pages a
+   row spans stay in the TLB. The units are split between threads in whole cache lines, so
+   threads never write the same memory and each writes its units' totals directly.
+
+   Why not torch.compile's kernel: on the CPU its code came out as one thread, several passes
+   and a scalar argmax. Measured on 2 cores for gate, up and act of a [43, 47, 1536] batch of
+   the default model's shape: 57 ms compiled, 3.0 ms here (4.8 ms on one thread), against
+   10 ms for the silu(gate) * up the model computes anyway. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BLOCK 16
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(64)));
+
+static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+static inline vf select_f(vi mask, vf a, vf b) { return (vf)select_i(mask, (vi)a, (vi)b); }
+
+static inline vf load_block(const float *p, int64_t width) {
+    vf v = {0};
+    memcpy(&v, p, (size_t)width * sizeof(float));
+    return v;
+}
+
+/* width lanes of 4 bytes from v to p: a block's part that lies within the arrays. */
+static inline void store_block(void *p, const void *v, int64_t width) { memcpy(p, v, (size_t)width * 4); }
+
+static inline vd widen(const float *half) {
+    vf8 v;
+    memcpy(&v, half, sizeof v);
+    return __builtin_convertvector(v, vd);
+}
+
+/* Where one site's statistics go: [rows, n] per row, [n] per unit. */
+typedef struct {
+    const float *x;
+    float *sums, *maxima;
+    int32_t *peaks;
+    double *total_sq;
+    int32_t *positive, *active;
+    float *minimum;
+} Site;
+
+/* Units [j, j + width) of one row's tokens [start, end) (width < BLOCK only at the end of the
+   units, where lanes past width read zeros and are dropped). */
+static void block_of_row(const Site *s, int64_t T, int64_t n, float threshold, int64_t row, int64_t start,
+                         int64_t end, int64_t j, int64_t width) {
+    const int full = width == BLOCK;
+    const vf zero = {0}, limit = zero + threshold;
+    vf sum = zero, sq = zero, high = zero - INFINITY, low = zero + INFINITY;
+    vi at = {0}, positive = {0}, active = {0};
+    const float *base = s->x + row * T * n + j;
+    for (int64_t t = start; t < end; t++) {
+        const float *p = base + t * n;
+        const vf v = full ? load_block(p, BLOCK) : load_block(p, width);
+        __builtin_prefetch(p + 2 * n);  /* a block steps down the row a page apart: no hardware prefetch */
+        sum += v;
+        sq += v * v;
+        const vi up = v > high;
+        high = select_f(up, v, high);
+        at = select_i(up, at - at + (int32_t)t, at);
+        low = select_f(v < low, v, low);
+        positive -= v > zero;  /* a true comparison is all ones: -1 */
+        active -= (vf)((vi)v & 0x7fffffff) > limit;
+    }
+    const int64_t out = row * n + j;
+    store_block(s->sums + out, &sum, width);
+    store_block(s->maxima + out, &high, width);
+    store_block(s->peaks + out, &at, width);
+    /* The totals are read and written for the block's width alone: at the end of the units a
+       whole block would reach past the arrays. */
+    const float *lanes = (const float *)&sq;
+    const int64_t low_half = width < 8 ? width : 8;
+    vd sq_lo = {0}, sq_hi = {0};
+    memcpy(&sq_lo, s->total_sq + j, (size_t)low_half * sizeof(double));
+    if (width > 8) memcpy(&sq_hi, s->total_sq + j + 8, (size_t)(width - 8) * sizeof(double));
+    sq_lo += widen(lanes);
+    sq_hi += widen(lanes + 8);
+    vi total_positive = {0}, total_active = {0};
+    vf minimum = {0};
+    store_block(&total_positive, s->positive + j, width);
+    store_block(&total_active, s->active + j, width);
+    store_block(&minimum, s->minimum + j, width);
+    total_positive += positive;
+    total_active += active;
+    minimum = select_f(low < minimum, low, minimum);
+    memcpy(s->total_sq + j, &sq_lo, (size_t)low_half * sizeof(double));
+    if (width > 8) memcpy(s->total_sq + j + 8, &sq_hi, (size_t)(width - 8) * sizeof(double));
+    store_block(s->positive + j, &total_positive, width);
+    store_block(s->active + j, &total_active, width);
+    store_block(s->minimum + j, &minimum, width);
+}
+
+void site_statistics(int64_t sites, const float *const *xs, int64_t rows, int64_t T, int64_t n,
+                     const int64_t *starts, const int64_t *ends, float threshold,
+                     float *const *sums, float *const *maxima, int32_t *const *peaks, double *const *total_sq,
+                     int32_t *const *positive, int32_t *const *active, float *const *minimum) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+        const int64_t threads = 1, me = 0;
+#endif
+        const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
+        const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
+        for (int64_t k = 0; k < sites; k++)
+            for (int64_t j = j0; j < j1; j++) {
+                total_sq[k][j] = 0.0;
+                positive[k][j] = active[k][j] = 0;
+                minimum[k][j] = INFINITY;
+            }
+        for (int64_t row = 0; row < rows; row++)
+            for (int64_t k = 0; k < sites; k++) {
+                const Site site = {xs[k], sums[k], maxima[k], peaks[k], total_sq[k], positive[k], active[k],
+                                   minimum[k]};
+                for (int64_t j = j0; j < j1; j += BLOCK)
+                    block_of_row(&site, T, n, threshold, row, starts[row], ends[row], j,
+                                 j1 - j < BLOCK ? j1 - j : BLOCK);
+            }
+    }
+}
