@@ -50,10 +50,11 @@ _READ: dict[tuple, tuple[str, frozenset[str]]] = {}
 
 def _kernel_sources(path: Path, text: str) -> str:
     """The C sources a module compiles (a string naming a .c file beside it, such as
-    model/statistics_kernel.c): their numbers are the module's, so a change to one reruns what
-    the module computes."""
+    model/statistics_kernel.c), with their headers: their numbers are the module's, so a change
+    to one reruns what the module computes."""
+    from ..model.native import kernel_text
     names = sorted(set(re.findall(r"[\"']([\w.-]+\.c)[\"']", text)))
-    return "".join(f"\n{name}\n{(path.parent / name).read_text()}" for name in names if (path.parent / name).is_file())
+    return "".join(f"\n{name}\n{kernel_text(path.parent / name)}" for name in names if (path.parent / name).is_file())
 
 
 class ModuleGraph:

@@ -12,12 +12,13 @@ from ..model.native import compile_kernel
 SOURCE = Path(__file__).with_name("records_kernel.c")
 
 
+def _declare(library: ctypes.CDLL) -> None:
+    pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, f32] + [pointer] * 10
+                                        + [i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64]
+                                        + [pointer, pointer])
+    library.records_reduce.restype = ctypes.c_int
+
+
 def load() -> ctypes.CDLL | None:
-    library = compile_kernel(SOURCE)
-    if library is not None:
-        pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, f32] + [pointer] * 10
-                                            + [i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64]
-                                            + [pointer, pointer])
-        library.records_reduce.restype = ctypes.c_int
-    return library
+    return compile_kernel(SOURCE, _declare)

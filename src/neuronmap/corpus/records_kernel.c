@@ -23,22 +23,13 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "../model/vector_blocks.h"
 
 #define SUB_BITS 3
 #define MIN_EXPONENT (-8)
 #define OCTAVES 20
 #define HALF (OCTAVES << SUB_BITS)
 #define BINS (2 * HALF + 1)
-#define BLOCK 16
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(64)));
-
-static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-static inline vf select_f(vi mask, vf a, vf b) { return (vf)select_i(mask, (vi)a, (vi)b); }
-
 /* The histogram bin of each lane (layout in histogram.py, kept in step with the macros above).
    Branch-free: signs are a coin toss, and a mispredicted branch costs more than the rest. */
 static inline vi bins_of(vf v) {
@@ -94,18 +85,6 @@ static void heap_offer(int64_t *restrict keys, int32_t *restrict pos, int64_t *r
     keys[i] = key;
     pos[i] = position;
     roots[j] = keys[0];
-}
-
-static inline vf load_block(const float *p, int64_t width) {
-    vf v = {0};
-    memcpy(&v, p, (size_t)width * sizeof(float));
-    return v;
-}
-
-static inline vd widen(const float *half) {
-    vf8 v;
-    memcpy(&v, half, sizeof v);
-    return __builtin_convertvector(v, vd);
 }
 
 /* The batch and where its records go: every unit's running records, each row's context. */

@@ -17,8 +17,7 @@ from ..io.parquet import atomic_path, write_table
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import free_device_memory, is_out_of_memory, length_sorted_batches
-from ..model.hooks import SiteRecorder, TokenMask
-from ..model import native_statistics
+from ..model.hooks import SiteRecorder, TokenMask, runs_natively
 from ..model.dispatch import input_device, site_device
 from ..model.prefix_cache import (NO_PREFIX, SharedPrefixes, forward_prefixes, positions_of,
                                   split_prompts, with_cache)
@@ -41,14 +40,14 @@ def fuse_statistics(setting: bool | str, tokens: int, device: torch.device) -> b
     ones (1,078 and 10,880 tokens), so compiling pays from about 3,000 tokens; on a GPU eager
     statistics cost less per token, so it pays later still."""
     if setting == "auto":
-        return tokens >= FUSED_MIN_TOKENS or (device.type == "cpu" and native_statistics.available())
+        return tokens >= FUSED_MIN_TOKENS or runs_natively(device)
     return bool(setting)
 
 
 def statistics_path(fused: bool, device: torch.device) -> str:
     if not fused:
         return "eager"
-    return "C kernel" if device.type == "cpu" and native_statistics.available() else "compiled"
+    return "C kernel" if runs_natively(device) else "compiled"
 
 
 @dataclass(frozen=True)

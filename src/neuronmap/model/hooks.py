@@ -100,11 +100,12 @@ def gated_mlp_statistics(gate: torch.Tensor, up: torch.Tensor, valid: torch.Tens
             site_reductions(up.float(), valid, active_threshold), site_reductions(act.float(), valid, active_threshold))
 
 
-def runs_natively(x: torch.Tensor) -> bool:
-    """Whether fused statistics of x come from the C kernel (on the CPU, where it compiled), not
-    from torch.compile: its code computes them in one pass on torch's threads, where
-    torch.compile's CPU code took several passes on one thread, and it costs no compilation."""
-    return x.device.type == "cpu" and native_statistics.available()
+def runs_natively(device: torch.device) -> bool:
+    """Whether fused statistics on `device` come from the C kernel (on the CPU, where it
+    compiled), not from torch.compile: its code computes them in one pass on torch's threads,
+    where torch.compile's CPU code took several passes on one thread, and it costs no
+    compilation."""
+    return device.type == "cpu" and native_statistics.available()
 
 
 _compiled: dict = {}
@@ -134,7 +135,7 @@ def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_th
     reductions come from one compiled kernel; otherwise from the same code run eagerly."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     valid = mask.valid.unsqueeze(-1)
-    if fused and runs_natively(x):
+    if fused and runs_natively(x.device):
         statistics, = native_statistics.site_statistics([x], mask.bounds(), active_threshold)
     elif fused:
         statistics = run_fused(site_reductions, x, valid, active_threshold)
@@ -205,7 +206,7 @@ class SiteRecorder:
         def forward(x):
             gate, up = gate_proj(x), up_proj(x)
             mask = self.mask_on(gate.device)
-            if runs_natively(gate):
+            if runs_natively(gate.device):
                 act = gated_act(gate, up, activation)
                 statistics = native_statistics.site_statistics([gate, up, act], mask.bounds(), self.active_threshold)
             else:

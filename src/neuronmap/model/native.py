@@ -14,9 +14,11 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -63,21 +65,33 @@ def _build(source: Path, target: Path) -> None:
         Path(tmp.name).unlink(missing_ok=True)
 
 
-def compile_kernel(source: Path) -> ctypes.CDLL | None:
-    """The compiled `source`, building it on first use; None where that fails (logged once)."""
+def kernel_text(source: Path) -> str:
+    """A kernel's C source with the text of the local headers it includes (#include "…"): what
+    its numbers depend on, for the build cache and the code fingerprints."""
+    text = source.read_text()
+    headers = re.findall(r'^#include "([^"]+)"', text, re.MULTILINE)
+    return text + "".join(f"\n{name}\n{(source.parent / name).read_text()}" for name in headers)
+
+
+def compile_kernel(source: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """The compiled `source`, built on first use, its functions' signatures set by `declare`
+    once; None where that fails (logged once)."""
     if source in _loaded:
         return _loaded[source]
     _loaded[source] = None
     if os.environ.get("NEURONMAP_NATIVE", "1") == "0":
         return None
     import torch  # noqa: F401  (loaded first, its libgomp.so.1 is the one the kernel binds to)
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode()
+    key = hashlib.sha256(kernel_text(source).encode() + " ".join(FLAGS).encode() + platform.machine().encode()
                          + _cpu_identity().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     try:
         if not target.exists():
             _build(source, target)
-        _loaded[source] = ctypes.CDLL(str(target))
+        library = ctypes.CDLL(str(target))
     except OSError as error:
         log.warning("%s not compiled (%s); computing with torch instead", source.name, error)
-    return _loaded[source]
+        return None
+    declare(library)
+    _loaded[source] = library
+    return library

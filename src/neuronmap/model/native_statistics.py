@@ -18,13 +18,14 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def _declare(library: ctypes.CDLL) -> None:
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.site_statistics.argtypes = [i64, pointer, i64, i64, i64, pointer, pointer, ctypes.c_float] + [pointer] * 7
+    library.site_statistics.restype = None
+
+
 def _kernel() -> ctypes.CDLL | None:
-    library = compile_kernel(SOURCE)
-    if library is not None:
-        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-        library.site_statistics.argtypes = [i64, pointer, i64, i64, i64, pointer, pointer, ctypes.c_float] + [pointer] * 7
-        library.site_statistics.restype = None
-    return library
+    return compile_kernel(SOURCE, _declare)
 
 
 def row_bounds(valid: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

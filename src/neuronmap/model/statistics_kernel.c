@@ -19,31 +19,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-#define BLOCK 16
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(64)));
-
-static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-static inline vf select_f(vi mask, vf a, vf b) { return (vf)select_i(mask, (vi)a, (vi)b); }
-
-static inline vf load_block(const float *p, int64_t width) {
-    vf v = {0};
-    memcpy(&v, p, (size_t)width * sizeof(float));
-    return v;
-}
+#include "vector_blocks.h"
 
 /* width lanes of 4 bytes from v to p: a block's part that lies within the arrays. */
 static inline void store_block(void *p, const void *v, int64_t width) { memcpy(p, v, (size_t)width * 4); }
-
-static inline vd widen(const float *half) {
-    vf8 v;
-    memcpy(&v, half, sizeof v);
-    return __builtin_convertvector(v, vd);
-}
 
 /* Where one site's statistics go: [rows, n] per row, [n] per unit. */
 typedef struct {
