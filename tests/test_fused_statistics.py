@@ -48,7 +48,7 @@ def test_fused_statistics_equal_the_pass_by_pass_ones(fused_path):
         for pooling in ("mean", "max", "last"):
             torch.testing.assert_close(fused.pooled[pooling], eager.pooled[pooling])
         valid = mask.valid.unsqueeze(-1)
-        assert torch.equal(fused.positive, ((x > 0) & valid).sum((0, 1)).float())
+        assert torch.equal(fused.positive, ((x > 0) & valid).sum((0, 1)).to(torch.int32))
 
 
 def test_a_failed_compilation_falls_back_to_the_eager_path(monkeypatch):
@@ -127,3 +127,19 @@ def test_auto_compiles_only_shards_large_enough_to_repay_it(monkeypatch):
     assert not fuse_statistics(False, 1, cpu) and statistics_path(False, cpu) == "eager"
     monkeypatch.setattr(native_statistics, "available", lambda: False)
     assert not fuse_statistics("auto", FUSED_MIN_TOKENS - 1, cpu) and statistics_path(True, cpu) == "compiled"
+
+
+def test_batch_buffers_are_kept_from_batch_to_batch():
+    """A batch's observations land in blocks allocated once for the largest batch: the next
+    batch writes the same memory, and a (pooling, site) is its [layers, rows, units] block."""
+    buffers = hooks.BatchBuffers(3, {"gate": 5}, ("mean",), torch.float16)
+    buffers.reserve(4)
+    buffers.start(4)
+    first = buffers.outputs("gate", 2)
+    buffers.start(2)
+    second = buffers.outputs("gate", 2)
+    assert second.sums.shape == (2, 5) and second.sums.is_contiguous() and second.total.shape == (5,)
+    assert second.sums.data_ptr() == first.sums.data_ptr() and second.total.data_ptr() == first.total.data_ptr()
+    second.pooled["mean"].fill_(1.5)
+    stacked = buffers.stacked("mean", "gate")
+    assert stacked.shape == (3, 2, 5) and stacked.dtype == torch.float16 and bool((stacked[2] == 1.5).all())

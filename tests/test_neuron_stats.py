@@ -132,3 +132,37 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(smollm2, sharded, 
     np.testing.assert_allclose(retried["mean"].to_numpy(), one["mean"].to_numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ResponseReader([outputs.responses]).read_block("max", "act", 3, IDS),
                                reader.read_block("max", "act", 3, IDS), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("width", [5, 37])
+def test_the_running_top_equals_a_top_over_all_rows(width, monkeypatch):
+    """The C kernel's in-place merge and torch's cat-and-topk keep, batch by batch, the top_n
+    rows a sort of every row gives: rows of -inf (no valid token) included while there is room."""
+    from neuronmap.extract import neuron_stats
+    from neuronmap.model import native_statistics
+    from neuronmap.model.hooks import BatchObservation
+    assert native_statistics.available(), "the statistics kernel did not compile"
+    torch.manual_seed(0)
+    batches = [torch.randn(rows, width) for rows in (2, 7, 1, 4)]
+    batches[1][3] = float("-inf")
+    positions = [torch.randint(0, 50, b.shape, dtype=torch.int32) for b in batches]
+    merged = {}
+    for in_place in (True, False):
+        monkeypatch.setattr(neuron_stats, "runs_natively", lambda device: in_place)
+        stats = neuron_stats.UnitStats(width, 4, torch.device("cpu"))
+        assert stats.in_place == in_place
+        first = 0
+        for peaks, where in zip(batches, positions):
+            rows = peaks.shape[0]
+            zero = torch.zeros(width)
+            seen = BatchObservation({}, zero.double(), zero.double(), zero, zero, zero, zero, peaks, where)
+            stats.add(seen, rows, torch.arange(first, first + rows))
+            first += rows
+        merged[in_place] = stats.tops()
+    values = torch.cat(batches)
+    expected, order = values.sort(dim=0, descending=True, stable=True)
+    for got in merged.values():
+        assert torch.equal(got[0], expected[:4])
+        finite = torch.isfinite(expected[:4])
+        assert torch.equal(got[1][finite], order[:4][finite])
+        assert torch.equal(got[2][finite], torch.cat(positions).gather(0, order[:4])[finite])

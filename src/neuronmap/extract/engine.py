@@ -92,9 +92,10 @@ class Extraction:
         # A leading BOS only reaches the hooks in a prompt without a prefix.
         self.exclude_first = (not settings.include_bos and bos is not None
                               and all(ids and ids[0] == bos for ids in map(self.prompts.tokens, range(len(texts)))))
-        self.stats = {(site, layer): UnitStats(self.sites.width(site), settings.top_n,
-                                               site_device(self.sites, site, layer))
-                      for site in settings.sites for layer in range(self.sites.n_layers)}
+        layers = range(self.sites.n_layers)
+        self.stats = {(site, layer): stats for site in settings.sites
+                      for layer, stats in zip(layers, UnitStats.for_layers(
+                          self.sites.width(site), settings.top_n, [site_device(self.sites, site, i) for i in layers]))}
         self.tokens_forwarded = 0
 
     def run(self, outputs: ExtractionOutputs) -> None:
@@ -102,6 +103,7 @@ class Extraction:
         batches = list(length_sorted_batches([len(q) for q in prompts.queries], self.settings.batch_size,
                                              self.settings.batch_tokens))
         widths = {site: self.sites.width(site) for site in self.settings.sites}
+        self.recorder.buffers.reserve(max(map(len, batches)))
         with torch.inference_mode():
             # Before the recorder is installed: prefixes are forwarded, not observed.
             shared = forward_prefixes(self.model, prompts.prefixes)

@@ -64,8 +64,8 @@ class BatchObservation:
     total_sq: torch.Tensor              # [n] float64, sum of squares
     minimum: torch.Tensor               # [n]
     maximum: torch.Tensor               # [n]
-    positive: torch.Tensor              # [n] float, tokens > 0
-    active: torch.Tensor                # [n] float, tokens with |x| > threshold
+    positive: torch.Tensor              # [n] int32, tokens > 0
+    active: torch.Tensor                # [n] int32, tokens with |x| > threshold
     peaks: torch.Tensor                 # [B, n] each prompt's highest value per unit (-inf: no valid token)
     peak_positions: torch.Tensor        # [B, n] int32, its token position
 
@@ -86,8 +86,12 @@ def site_reductions(x: torch.Tensor, valid: torch.Tensor, active_threshold: floa
     return sums, total_sq, positive, active, maxima, peaks, minimum
 
 
-def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """A gated MLP's down-projection input, as the model's own forward computes it."""
+def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str, in_place: bool = False) -> torch.Tensor:
+    """A gated MLP's down-projection input, as the model's own forward computes it. With
+    `in_place` (silu, outside autograd), computed by the same kernels in gate's memory, which
+    spares two fresh [B, T, n] buffers per layer."""
+    if in_place and activation == "silu" and not torch.is_grad_enabled():
+        return F.silu(gate, inplace=True).mul_(up)
     return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
 
 
@@ -129,39 +133,126 @@ def run_fused(function, *args):
     return function(*args)
 
 
+@dataclass(frozen=True)
+class SiteOutputs:
+    """Where one site's results of a batch go: per row [B, n] the sums, maxima and peak
+    positions and the pooled responses; per unit [n] the totals. Contiguous tensors, in the
+    dtypes `summarize` returns."""
+    sums: torch.Tensor
+    maxima: torch.Tensor
+    peaks: torch.Tensor
+    pooled: dict[str, torch.Tensor]
+    total: torch.Tensor
+    total_sq: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+    positive: torch.Tensor
+    active: torch.Tensor
+
+    def reductions(self) -> tuple[torch.Tensor, ...]:
+        """The tensors `site_reductions` returns, in its order."""
+        return self.sums, self.total_sq, self.positive, self.active, self.maxima, self.peaks, self.minimum
+
+
+# (kind, dtype) of SiteOutputs' per-row and per-unit tensors; pooled ones take the stored dtype.
+ROW_KINDS = (("sums", torch.float32), ("maxima", torch.float32), ("peaks", torch.int32))
+UNIT_KINDS = (("total", torch.float64), ("total_sq", torch.float64), ("minimum", torch.float32),
+              ("maximum", torch.float32), ("positive", torch.int32), ("active", torch.int32))
+
+
+class BatchBuffers:
+    """The host blocks a CPU batch's observations are written into: one [layers, rows, units]
+    block per (site, per-row kind) and one [layers, units] per (site, per-unit kind), kept from
+    batch to batch and reallocated only for a batch with more rows than any before.
+
+    Allocated afresh, a batch's observations were about a thousand heap blocks under glibc's
+    mmap threshold, alive through the whole forward pass. They took and split the heap's free
+    space, so the forward's own large buffers, which the bare forward got from that space,
+    became fresh mappings faulted in page by page: 2.0-2.4 M page faults per 128 prompts of the
+    default model against the bare forward's 0.7-1.0 M, a cost that grows with the price of a
+    page fault (a slower or busier machine), not with the forward's arithmetic. Kept blocks
+    fault in once; per (pooling, site) they are also the stacked [layers, rows, units] block the
+    response writer takes, without a copy. A batch's views are valid until the next batch."""
+
+    def __init__(self, n_layers: int, widths: dict[str, int], poolings: tuple[str, ...], pooled_dtype: torch.dtype):
+        self.n_layers, self.widths, self.poolings, self.pooled_dtype = n_layers, widths, poolings, pooled_dtype
+        self.rows = self.capacity = 0
+        self._blocks: dict[tuple[str, str], torch.Tensor] = {}
+
+    def reserve(self, rows: int) -> None:
+        """Room for batches of up to `rows` rows: a job that knows its largest batch says so
+        before the first, so the blocks are allocated once (longest-first batches grow in rows)."""
+        if rows > self.capacity:
+            for key in [key for key in self._blocks if key[1] not in dict(UNIT_KINDS)]:
+                del self._blocks[key]  # before the larger ones are allocated, not after
+            self.capacity = rows
+
+    def start(self, rows: int) -> None:
+        self.reserve(rows)
+        self.rows = rows
+
+    def outputs(self, site: str, layer: int) -> SiteOutputs:
+        rows = {kind: self._block(site, kind, dtype, self.capacity)[layer, :self.rows]
+                for kind, dtype in ROW_KINDS + tuple((p, self.pooled_dtype) for p in self.poolings)}
+        units = {kind: self._block(site, kind, dtype)[layer] for kind, dtype in UNIT_KINDS}
+        return SiteOutputs(rows["sums"], rows["maxima"], rows["peaks"], {p: rows[p] for p in self.poolings}, **units)
+
+    def stacked(self, pooling: str, site: str) -> torch.Tensor:
+        return self._blocks[(site, pooling)][:, :self.rows]
+
+    def _block(self, site: str, kind: str, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
+        if (site, kind) not in self._blocks:
+            shape = (self.n_layers, self.widths[site]) if rows is None else (self.n_layers, rows, self.widths[site])
+            self._blocks[(site, kind)] = torch.empty(shape, dtype=dtype)
+        return self._blocks[(site, kind)]
+
+
 def observe(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], active_threshold: float,
-            fused: bool = False, pooled_dtype: torch.dtype = torch.float32) -> BatchObservation:
+            fused: bool = False, pooled_dtype: torch.dtype = torch.float32,
+            out: SiteOutputs | None = None) -> BatchObservation:
     """Pool and summarize one site's [B, T, n] activations. With `fused`, the per-row
-    reductions come from one compiled kernel; otherwise from the same code run eagerly."""
+    reductions come from one compiled kernel; otherwise from the same code run eagerly. With
+    `out`, the results are written there."""
     x = x.float()  # half-precision sums lose too much; a no-op for float32 models
     valid = mask.valid.unsqueeze(-1)
     if fused and runs_natively(x.device):
-        statistics, = native_statistics.site_statistics([x], mask.bounds(), active_threshold)
+        statistics, = native_statistics.site_statistics([x], mask.bounds(), active_threshold,
+                                                        None if out is None else [out.reductions()])
     elif fused:
         statistics = run_fused(site_reductions, x, valid, active_threshold)
     else:
         statistics = site_reductions(x, valid, active_threshold)
-    return summarize(x, mask, poolings, statistics, pooled_dtype)
+    return summarize(x, mask, poolings, statistics, pooled_dtype, out)
 
 
 def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statistics,
-              pooled_dtype: torch.dtype = torch.float32) -> BatchObservation:
+              pooled_dtype: torch.dtype = torch.float32, out: SiteOutputs | None = None) -> BatchObservation:
     """A site's observation from its activations x [B, T, n] and their `site_reductions`.
     Pooled responses are kept in `pooled_dtype` (what they will be stored as) and peak positions
-    as int32: a batch's observations are what extraction holds per row, so they stay small."""
+    as int32: a batch's observations are what extraction holds per row, so they stay small.
+    With `out`, every result not already there is written there."""
     sums, total_sq, positive, active, maxima, peaks, minimum = statistics
     pooled = {}
     for pooling in poolings:
         if pooling == "mean":
-            pooled[pooling] = (sums / mask.counts).to(pooled_dtype)
+            value = sums / mask.counts
         elif pooling == "max":
-            pooled[pooling] = maxima.to(pooled_dtype)
+            value = maxima
         elif pooling == "last":
-            pooled[pooling] = x[torch.arange(x.shape[0], device=x.device), mask.lengths - 1].to(pooled_dtype)
+            value = x[torch.arange(x.shape[0], device=x.device), mask.lengths - 1]
         else:
             raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
-    return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), total_sq.double(), minimum, maxima.amax(0),
-                            positive.float(), active.float(), maxima, peaks.to(torch.int32))
+        pooled[pooling] = value.to(pooled_dtype) if out is None else out.pooled[pooling].copy_(value)
+    if out is None:
+        return BatchObservation(pooled, sums.sum(0, dtype=torch.float64), total_sq.double(), minimum, maxima.amax(0),
+                                positive.to(torch.int32), active.to(torch.int32), maxima, peaks.to(torch.int32))
+    given = (out.sums, out.total_sq, out.positive, out.active, out.maxima, out.peaks, out.minimum)
+    for target, value in zip(given, statistics):
+        if target.data_ptr() != value.data_ptr():  # the C kernel wrote there; other paths did not
+            target.copy_(value)
+    return BatchObservation(pooled, torch.sum(out.sums, 0, dtype=torch.float64, out=out.total), out.total_sq,
+                            out.minimum, torch.amax(out.maxima, 0, out=out.maximum), out.positive, out.active,
+                            out.maxima, out.peaks)
 
 
 class SiteRecorder:
@@ -184,6 +275,16 @@ class SiteRecorder:
         self.mask: TokenMask | None = None
         self._masks: dict[torch.device, TokenMask] = {}
         self.observations: dict[tuple[str, int], BatchObservation] = {}
+        self.buffers = BatchBuffers(sites.n_layers, {site: sites.width(site) for site in self.site_names},
+                                    self.poolings, pooled_dtype)
+        self._buffered: set[tuple[str, int]] = set()  # this batch's (site, layer) held in self.buffers
+
+    def outputs(self, site: str, layer: int, device: torch.device) -> SiteOutputs | None:
+        """Where a CPU layer's results go: the recorder's kept buffers."""
+        if device.type != "cpu":
+            return None
+        self._buffered.add((site, layer))
+        return self.buffers.outputs(site, layer)
 
     def mask_on(self, device: torch.device) -> TokenMask:
         """The batch's mask on a layer's device, copied there once per batch."""
@@ -197,7 +298,8 @@ class SiteRecorder:
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(*self.mask.valid.shape, -1)
             self.observations[(site, layer)] = observe(x, self.mask_on(x.device), self.poolings,
-                                                       self.active_threshold, self.fused, self.pooled_dtype)
+                                                       self.active_threshold, self.fused, self.pooled_dtype,
+                                                       self.outputs(site, layer, x.device))
         return read
 
     def _fused_forward(self, layer: int, activation: str):
@@ -206,16 +308,28 @@ class SiteRecorder:
         def forward(x):
             gate, up = gate_proj(x), up_proj(x)
             mask = self.mask_on(gate.device)
+            outputs = [self.outputs(site, layer, gate.device) for site in ("gate", "up", "act")]
             if runs_natively(gate.device):
-                act = gated_act(gate, up, activation)
-                statistics = native_statistics.site_statistics([gate, up, act], mask.bounds(), self.active_threshold)
+                # gate and up read in one pass and summarized before act overwrites gate: on the
+                # CPU every fresh buffer is a fresh mapping, faulted in page by page.
+                statistics = native_statistics.site_statistics([gate, up], mask.bounds(), self.active_threshold,
+                                                               [o.reductions() for o in outputs[:2]])
+                self._summarize(layer, ("gate", "up"), (gate, up), statistics, outputs[:2])
+                act = gated_act(gate, up, activation, in_place=True)
+                statistics = native_statistics.site_statistics([act], mask.bounds(), self.active_threshold,
+                                                               [outputs[2].reductions()])
+                self._summarize(layer, ("act",), (act,), statistics, outputs[2:])
             else:
                 act, *statistics = run_fused(gated_mlp_statistics, gate, up, mask.valid.unsqueeze(-1),
                                              self.active_threshold, activation)
-            for site, values, seen in zip(("gate", "up", "act"), (gate, up, act), statistics):
-                self.observations[(site, layer)] = summarize(values, mask, self.poolings, seen, self.pooled_dtype)
+                self._summarize(layer, ("gate", "up", "act"), (gate, up, act), statistics, outputs)
             return down_proj(act)
         return forward
+
+    def _summarize(self, layer: int, sites: tuple[str, ...], values, statistics, outputs) -> None:
+        mask = self.mask_on(values[0].device)
+        for site, x, seen, out in zip(sites, values, statistics, outputs):
+            self.observations[(site, layer)] = summarize(x, mask, self.poolings, seen, self.pooled_dtype, out)
 
     def _fusable_mlps(self) -> list[tuple[torch.nn.Module, str]] | None:
         if not self.fused or not {"gate", "up", "act"} <= set(self.site_names):
@@ -258,11 +372,16 @@ class SiteRecorder:
         self.mask = mask
         self._masks = {mask.valid.device: mask}
         self.observations = {}
+        self.buffers.start(mask.valid.shape[0])
+        self._buffered = set()
 
     def pooled_to_host(self) -> dict[tuple[str, str], torch.Tensor]:
-        """One device-to-host copy per (pooling, site) and device: [layers, batch, units] tensors."""
-        return {(pooling, site): stack_to_host([self.observations[(site, layer)].pooled[pooling]
-                                                for layer in range(self.sites.n_layers)])
+        """[layers, batch, units] tensors per (pooling, site): the kept buffers where every layer
+        ran on the CPU (valid until the next batch), else one device-to-host copy per device."""
+        layers = range(self.sites.n_layers)
+        return {(pooling, site): self.buffers.stacked(pooling, site)
+                if all((site, layer) in self._buffered for layer in layers)
+                else stack_to_host([self.observations[(site, layer)].pooled[pooling] for layer in layers])
                 for pooling in self.poolings for site in self.site_names}
 
 

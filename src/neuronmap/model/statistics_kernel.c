@@ -113,3 +113,41 @@ void site_statistics(int64_t sites, const float *const *xs, int64_t rows, int64_
             }
     }
 }
+
+/* A batch's per-row peaks merged into each unit's running top (called by
+   neuronmap.extract.neuron_stats), in place: values [k, n] highest first, with each one's
+   prompt and position beside it, of which the first `filled` rows are in use. Row r of the
+   batch (prompt row_prompts[r]) enters a unit's top while it has room, or when its peak beats
+   the top's last value; it goes after the values equal to it, so ties keep the earlier prompt
+   first. The usual peak beats nothing: one comparison per row and unit, units split between
+   threads as above. */
+void merge_top(int64_t n, int64_t k, int64_t filled, float *values, int64_t *prompts, int32_t *positions,
+               int64_t rows, const float *peaks, const int32_t *peak_positions, const int64_t *row_prompts) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+        const int64_t threads = 1, me = 0;
+#endif
+        const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
+        const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t used = filled + r < k ? filled + r : k;  /* the same for every unit */
+            for (int64_t j = j0; j < j1; j++) {
+                const float v = peaks[r * n + j];
+                if (used == k && !(v > values[(k - 1) * n + j]))
+                    continue;
+                int64_t at = used < k ? used : k - 1;
+                for (; at > 0 && v > values[(at - 1) * n + j]; at--) {
+                    values[at * n + j] = values[(at - 1) * n + j];
+                    prompts[at * n + j] = prompts[(at - 1) * n + j];
+                    positions[at * n + j] = positions[(at - 1) * n + j];
+                }
+                values[at * n + j] = v;
+                prompts[at * n + j] = row_prompts[r];
+                positions[at * n + j] = peak_positions[r * n + j];
+            }
+        }
+    }
+}
