@@ -39,9 +39,8 @@ class UnitStats:
 
     @classmethod
     def for_layers(cls, width: int, top_n: int, devices: Sequence[torch.device]) -> list["UnitStats"]:
-        """One per layer of a site. Layers on one device share one block per field: held
-        through the whole shard, thousands of small tensors took the host heap's free space
-        from the forward's buffers, which then became fresh mappings, faulted in page by page."""
+        """One per layer of a site. Layers on one device share one block per field, one
+        allocation where there were one per layer and field (thousands, held through the shard)."""
         if len(set(devices)) == 1:
             return [cls(width, top_n, devices[0], state)
                     for state in running_state(len(devices), width, top_n, devices[0])]

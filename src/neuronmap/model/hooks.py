@@ -165,14 +165,13 @@ class BatchBuffers:
     block per (site, per-row kind) and one [layers, units] per (site, per-unit kind), kept from
     batch to batch and reallocated only for a batch with more rows than any before.
 
-    Allocated afresh, a batch's observations were about a thousand heap blocks under glibc's
-    mmap threshold, alive through the whole forward pass. They took and split the heap's free
-    space, so the forward's own large buffers, which the bare forward got from that space,
-    became fresh mappings faulted in page by page: 2.0-2.4 M page faults per 128 prompts of the
-    default model against the bare forward's 0.7-1.0 M, a cost that grows with the price of a
-    page fault (a slower or busier machine), not with the forward's arithmetic. Kept blocks
-    fault in once; per (pooling, site) they are also the stacked [layers, rows, units] block the
-    response writer takes, without a copy. A batch's views are valid until the next batch."""
+    Allocated afresh, a batch's observations were about a thousand heap blocks alive through
+    the whole forward pass, which took the heap's free space from the model's own buffers. Under
+    extraction's 1 MiB mmap threshold a buffer that finds no free space is a fresh mapping,
+    faulted in page by page: a cost that grows with the price of a page fault (a slower or
+    busier machine), not with the forward's arithmetic. Kept blocks fault in once; per (pooling,
+    site) they are also the stacked [layers, rows, units] block the response writer takes,
+    without a copy. A batch's views are valid until the next batch starts."""
 
     def __init__(self, n_layers: int, widths: dict[str, int], poolings: tuple[str, ...], pooled_dtype: torch.dtype):
         self.n_layers, self.widths, self.poolings, self.pooled_dtype = n_layers, widths, poolings, pooled_dtype
