@@ -20,9 +20,6 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "../model/vector_blocks.h"
 
 #define SUB_BITS 3
@@ -289,13 +286,8 @@ int records_reduce(const float *x, int64_t rows, int64_t T, int64_t n, const int
     int failed = 0;
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-        const int64_t threads = 1, me = 0;
-#endif
-        const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
-        const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
+        int64_t j0, j1;
+        units_of_thread(n, &j0, &j1);
         if (range_of_batch(&batch, j0, j1) != 0) {
 #pragma omp atomic
             failed++;

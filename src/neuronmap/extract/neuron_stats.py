@@ -27,8 +27,8 @@ class UnitStats:
         # On the CPU the C kernel merges each batch into [top_n, width] arrays kept in place; a
         # new top per batch (torch's cat and topk) was 25 MB of heap churned per batch on the
         # default model, and half of this method's time.
-        self.in_place = top_n > 0 and runs_natively(torch.device(device))
         state = state if state is not None else running_state(1, width, top_n, device)[0]
+        self.in_place = state["top_values"].shape[0] > 0
         self.count = 0
         self.top_n = top_n
         self.mean, self.m2, self.minimum, self.maximum = state["mean"], state["m2"], state["minimum"], state["maximum"]
@@ -121,9 +121,8 @@ def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str]
     token strings. Built as Arrow columns, strings by index into the few distinct ones: a
     polars frame per (site, layer) and a join on (prompt, position) took 0.3 s of the default
     model's 1.5 M rows, as long as the forward of a batch of 30 prompts."""
-    sites, columns = list(dict.fromkeys(site for site, _ in stats)), {key: [] for key in
-                                                                     ("site", "layer", "unit", "value", "prompt",
-                                                                      "position")}
+    sites = list(dict.fromkeys(site for site, _ in stats))
+    columns = {key: [] for key in ("site", "layer", "unit", "value", "prompt", "position")}
     for (site, layer), s in stats.items():
         values, prompts, positions = (t.cpu().numpy() for t in s.tops())
         slot, unit = np.nonzero(np.isfinite(values))
@@ -132,7 +131,7 @@ def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str]
                             ("value", values[slot, unit].astype(np.float32)), ("prompt", prompts[slot, unit]),
                             ("position", positions[slot, unit].astype(np.int32))):
             columns[key].append(column)
-    if not columns["unit"] or sum(map(len, columns["unit"])) == 0:  # top_activations: 0
+    if sum(map(len, columns["unit"])) == 0:  # top_activations: 0
         return tables.TOP_ACTIVATIONS_PARTIAL.empty_table()
     c = {key: np.concatenate(parts) for key, parts in columns.items()}
     # Each used prompt's tokens, end to end: a row's token is at its prompt's offset + position.

@@ -16,9 +16,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "vector_blocks.h"
 
 /* width lanes of 4 bytes from v to p: a block's part that lies within the arrays. */
@@ -90,13 +87,8 @@ void site_statistics(int64_t sites, const float *const *xs, int64_t rows, int64_
                      int32_t *const *positive, int32_t *const *active, float *const *minimum) {
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-        const int64_t threads = 1, me = 0;
-#endif
-        const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
-        const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
+        int64_t j0, j1;
+        units_of_thread(n, &j0, &j1);
         for (int64_t k = 0; k < sites; k++)
             for (int64_t j = j0; j < j1; j++) {
                 total_sq[k][j] = 0.0;
@@ -125,13 +117,8 @@ void merge_top(int64_t n, int64_t k, int64_t filled, float *values, int64_t *pro
                int64_t rows, const float *peaks, const int32_t *peak_positions, const int64_t *row_prompts) {
 #pragma omp parallel
     {
-#ifdef _OPENMP
-        const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-        const int64_t threads = 1, me = 0;
-#endif
-        const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
-        const int64_t j0 = me * step < n ? me * step : n, j1 = j0 + step < n ? j0 + step : n;
+        int64_t j0, j1;
+        units_of_thread(n, &j0, &j1);
         for (int64_t r = 0; r < rows; r++) {
             const int64_t used = filled + r < k ? filled + r : k;  /* the same for every unit */
             for (int64_t j = j0; j < j1; j++) {

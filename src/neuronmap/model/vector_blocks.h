@@ -5,6 +5,9 @@
 #define NEURONMAP_VECTOR_BLOCKS_H
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define BLOCK 16
 
@@ -28,5 +31,18 @@ static inline vd widen(const float *half) {
     vf8 v;
     memcpy(&v, half, sizeof v);
     return __builtin_convertvector(v, vd);
+}
+
+/* This thread's units [*j0, *j1) of n, inside a parallel region: whole cache lines per thread,
+   so threads never write the same memory. */
+static inline void units_of_thread(int64_t n, int64_t *j0, int64_t *j1) {
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int64_t threads = 1, me = 0;
+#endif
+    const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
+    *j0 = me * step < n ? me * step : n;
+    *j1 = *j0 + step < n ? *j0 + step : n;
 }
 #endif
