@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import torch
 
+from neuronmap.corpus import native as records_kernel
 from neuronmap.corpus.contexts import cut_contexts
 from neuronmap.corpus.engine import RecordsOutputs, RecordsPass
 from neuronmap.corpus.histogram import (ABSOLUTE_FLOOR, BINS, HALF, MIN_EXPONENT, OCTAVES, QUANTILES,
@@ -26,6 +27,7 @@ from neuronmap.corpus.settings import MergeSettings, RecordsSettings
 from neuronmap.errors import NeuronmapError
 from neuronmap.io import tables
 from neuronmap.model.architectures import MlpSites
+from neuronmap.model.native import compile_kernel
 
 from conftest import REPO
 
@@ -182,7 +184,12 @@ def test_schemas(merged):
             merged[name].to_arrow().cast(schema).schema.names == schema.names
 
 
-def test_torch_path_equals_the_native_kernel():
+@pytest.mark.parametrize("lanes", [None, 4, 16])
+def test_torch_path_equals_the_native_kernel(lanes, monkeypatch):
+    """The kernel as built for this CPU and, besides, for 4 and 16 lanes (SSE/NEON, AVX-512)."""
+    if lanes is not None:
+        kernel = compile_kernel(records_kernel.SOURCE, records_kernel._declare, (f"-DLANES={lanes}",))
+        monkeypatch.setattr(records_kernel, "load", lambda: kernel)
     rng = np.random.default_rng(1)
     x = torch.from_numpy((rng.standard_normal((5, 7, 40)) * rng.choice([0.001, 1, 300], (5, 7, 40))).astype(np.float32))
     lengths = torch.tensor([7, 3, 0, 5, 1])

@@ -7,6 +7,7 @@ import torch
 from neuronmap.model import hooks, native_statistics
 from neuronmap.model.architectures import MlpSites
 from neuronmap.model.hooks import SiteRecorder, TokenMask, observe
+from neuronmap.model.native import compile_kernel
 
 
 def _batch(lengths, width, seed=0):
@@ -18,17 +19,24 @@ def _batch(lengths, width, seed=0):
     return x, attention
 
 
-@pytest.fixture(params=["C kernel", "compiled"])
+@pytest.fixture(params=["C kernel", "C kernel, 4 lanes", "C kernel, 16 lanes", "compiled"])
 def fused_path(request, monkeypatch):
-    """Runs a test on each fused path; the compiled one is what a GPU runs."""
-    if request.param == "C kernel":
-        assert native_statistics.available(), "the statistics kernel did not compile"
-    else:
+    """Runs a test on each fused path; the compiled one is what a GPU runs. The kernel is built
+    for this CPU's vector width and, besides, for 4 and 16 lanes (SSE/NEON, AVX-512: on a CPU
+    with narrower registers the compiler splits the vectors, so the numbers are the same)."""
+    if request.param == "compiled":
         monkeypatch.setattr(hooks, "runs_natively", lambda x: False)
+        return request.param
+    if request.param != "C kernel":
+        lanes = request.param.split(", ")[1].split()[0]
+        kernel = compile_kernel(native_statistics.SOURCE, native_statistics._declare, (f"-DLANES={lanes}",))
+        monkeypatch.setattr(native_statistics, "_kernel", lambda: kernel)
+    assert native_statistics.available(), "the statistics kernel did not compile"
     return request.param
 
 
-# Widths that fill whole blocks of 16 units, end in a partial one, or are smaller than one; rows
+# Widths that fill whole cache lines of 16 units, end in a partial one, or are smaller than one
+# (and so whole and partial vectors of each width); rows
 # of one token with the first excluded have no valid token at all.
 CASES = (([7, 5, 3], 16, False), ([9, 9], 8, True), ([4, 2, 2, 1], 12, False), ([6, 1, 3], 40, True),
          ([5, 5, 2], 37, False))

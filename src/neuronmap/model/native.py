@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
 
-_loaded: dict[Path, ctypes.CDLL | None] = {}
+_loaded: dict[tuple[Path, tuple[str, ...]], ctypes.CDLL | None] = {}
 
 
 def cache_dir() -> Path:
@@ -43,7 +43,7 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _build(source: Path, target: Path) -> None:
+def _build(source: Path, target: Path, defines: tuple[str, ...]) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc) on PATH")
@@ -52,7 +52,7 @@ def _build(source: Path, target: Path) -> None:
         pass
     try:
         for extra in (("-fopenmp",), ()):
-            result = subprocess.run([compiler, *FLAGS, *extra, str(source), "-o", tmp.name, "-lm"],
+            result = subprocess.run([compiler, *FLAGS, *defines, *extra, str(source), "-o", tmp.name, "-lm"],
                                     capture_output=True, text=True)
             if result.returncode == 0:
                 if not extra:
@@ -73,25 +73,27 @@ def kernel_text(source: Path) -> str:
     return text + "".join(f"\n{name}\n{(source.parent / name).read_text()}" for name in headers)
 
 
-def compile_kernel(source: Path, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+def compile_kernel(source: Path, declare: Callable[[ctypes.CDLL], None],
+                   defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled `source`, built on first use, its functions' signatures set by `declare`
-    once; None where that fails (logged once)."""
-    if source in _loaded:
-        return _loaded[source]
-    _loaded[source] = None
+    once; None where that fails (logged once). `defines` (-DNAME=value) override the source's
+    choices: the tests build every vector width (-DLANES=4, 8, 16) on one machine."""
+    if (source, defines) in _loaded:
+        return _loaded[(source, defines)]
+    _loaded[(source, defines)] = None
     if os.environ.get("NEURONMAP_NATIVE", "1") == "0":
         return None
     import torch  # noqa: F401  (loaded first, its libgomp.so.1 is the one the kernel binds to)
-    key = hashlib.sha256(kernel_text(source).encode() + " ".join(FLAGS).encode() + platform.machine().encode()
+    key = hashlib.sha256(kernel_text(source).encode() + " ".join(FLAGS + defines).encode() + platform.machine().encode()
                          + _cpu_identity().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     try:
         if not target.exists():
-            _build(source, target)
+            _build(source, target, defines)
         library = ctypes.CDLL(str(target))
     except OSError as error:
         log.warning("%s not compiled (%s); computing with torch instead", source.name, error)
         return None
     declare(library)
-    _loaded[source] = library
+    _loaded[(source, defines)] = library
     return library

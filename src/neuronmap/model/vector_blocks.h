@@ -1,6 +1,10 @@
-/* Sixteen units at a time: one cache line of float32, one AVX-512 register. GCC's and Clang's
-   vector types lower these to whatever the CPU has (AVX2, NEON). Shared by neuronmap's C
-   kernels (model/native.py builds them; a change here reruns what uses them). */
+/* Units a vector register at a time: LANES float32, sixteen on AVX-512, eight on AVX, four
+   elsewhere (SSE, NEON). GCC's and Clang's vector types lower a wider vector than the CPU has to
+   several registers, and a kernel's dozen live vectors then spill to the stack: with sixteen
+   lanes on an AVX2 machine the statistics kernel ran four times and the records kernel two
+   times slower than with eight. Threads still split the units in whole cache lines (LINE).
+   Shared by neuronmap's C kernels (model/native.py builds them; a change here reruns what uses
+   them). */
 #ifndef NEURONMAP_VECTOR_BLOCKS_H
 #define NEURONMAP_VECTOR_BLOCKS_H
 #include <stdint.h>
@@ -9,26 +13,36 @@
 #include <omp.h>
 #endif
 
-#define BLOCK 16
+#ifndef LANES
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+#endif
+#define HALF_LANES (LANES / 2)
+#define LINE 16  /* float32 units per 64-byte cache line */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef float vf_half __attribute__((vector_size(LANES * 2)));
+typedef double vd __attribute__((vector_size(LANES * 4)));  /* HALF_LANES doubles: one register */
 
 static inline vi select_i(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
 static inline vf select_f(vi mask, vf a, vf b) { return (vf)select_i(mask, (vi)a, (vi)b); }
 
-/* The first width (<= BLOCK) floats at p; lanes past width are zero. */
+/* The first width (<= LANES) floats at p; lanes past width are zero. */
 static inline vf load_block(const float *p, int64_t width) {
     vf v = {0};
     memcpy(&v, p, (size_t)width * sizeof(float));
     return v;
 }
 
-/* Eight floats widened to doubles: moments are summed in float64. */
+/* HALF_LANES floats widened to doubles: moments are summed in float64. */
 static inline vd widen(const float *half) {
-    vf8 v;
+    vf_half v;
     memcpy(&v, half, sizeof v);
     return __builtin_convertvector(v, vd);
 }
@@ -41,7 +55,7 @@ static inline void units_of_thread(int64_t n, int64_t *j0, int64_t *j1) {
 #else
     const int64_t threads = 1, me = 0;
 #endif
-    const int64_t step = ((n + threads - 1) / threads + BLOCK - 1) / BLOCK * BLOCK;
+    const int64_t step = ((n + threads - 1) / threads + LINE - 1) / LINE * LINE;
     *j0 = me * step < n ? me * step : n;
     *j1 = *j0 + step < n ? *j0 + step : n;
 }
