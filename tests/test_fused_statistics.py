@@ -19,7 +19,8 @@ def _batch(lengths, width, seed=0):
     return x, attention
 
 
-@pytest.fixture(params=["C kernel", "C kernel, 4 lanes", "C kernel, 16 lanes", "compiled"])
+@pytest.fixture(params=["native", 4, 16, "compiled"],
+                ids=["C kernel", "C kernel, 4 lanes", "C kernel, 16 lanes", "compiled"])
 def fused_path(request, monkeypatch):
     """Runs a test on each fused path; the compiled one is what a GPU runs. The kernel is built
     for this CPU's vector width and, besides, for 4 and 16 lanes (SSE/NEON, AVX-512: on a CPU
@@ -27,9 +28,8 @@ def fused_path(request, monkeypatch):
     if request.param == "compiled":
         monkeypatch.setattr(hooks, "runs_natively", lambda x: False)
         return request.param
-    if request.param != "C kernel":
-        lanes = request.param.split(", ")[1].split()[0]
-        kernel = compile_kernel(native_statistics.SOURCE, native_statistics._declare, (f"-DLANES={lanes}",))
+    if request.param != "native":
+        kernel = compile_kernel(native_statistics.SOURCE, native_statistics._declare, (f"-DLANES={request.param}",))
         monkeypatch.setattr(native_statistics, "_kernel", lambda: kernel)
     assert native_statistics.available(), "the statistics kernel did not compile"
     return request.param

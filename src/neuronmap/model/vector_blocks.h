@@ -1,8 +1,8 @@
 /* Units a vector register at a time: LANES float32, sixteen on AVX-512, eight on AVX, four
    elsewhere (SSE, NEON). GCC's and Clang's vector types lower a wider vector than the CPU has to
    several registers, and a kernel's dozen live vectors then spill to the stack: with sixteen
-   lanes on an AVX2 machine the statistics kernel ran four times and the records kernel two
-   times slower than with eight. Threads still split the units in whole cache lines (LINE).
+   lanes on an AVX2 machine the statistics kernel ran 4.5 times and the records kernel 6 times
+   slower than with eight. Threads still split the units in whole cache lines (LINE).
    Shared by neuronmap's C kernels (model/native.py builds them; a change here reruns what uses
    them). */
 #ifndef NEURONMAP_VECTOR_BLOCKS_H
