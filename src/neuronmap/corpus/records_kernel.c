@@ -7,11 +7,12 @@
    The work is one pass over the batch for a register's worth of units at a time (LANES,
    vector_blocks.h: sixteen on AVX-512, eight on AVX2). Within a row, everything a token updates
    lives in registers but the histograms, whose rows for those units stay in cache: the extremes
-   and their first positions, the tokens > 0 and with |x| > threshold, the sums of the first
-   four powers of each value's deviation from a shift. The row's peak and trough then go to the
-   unit's kept contexts, and at the end of the batch its central moments are merged into the running ones with Pebay's pairwise formulas. Measured on the default model
-   (one thread, real activations, ns per value): separate passes per quantity and per-row merges
-   4.1, this layout 2.6, with the histogram's gather and scatter 1.9. */
+   and their first positions, the tokens > 0 and with |x| > threshold, the sums of the first four
+   powers of each value's deviation from a shift. The row's peak and trough then go to the unit's
+   kept contexts, and at the end of the batch its central moments are merged into the running ones
+   with Pebay's pairwise formulas. Measured on the default model (one thread, real activations, ns
+   per value): separate passes per quantity and per-row merges 4.1, this layout 2.6, with the
+   histogram's gather and scatter 1.9. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
