@@ -1,5 +1,6 @@
 # Quick start: `make run` (set up, then run the workflow on config.yaml; `make run CONFIG=my.yaml`
-# for another config) and `make test`.
+# for another config), `make test-fast` (the tests that run no workflow job: a few minutes) and
+# `make test` (the whole suite, as CI runs it: 15-30 minutes on 2 cores; it writes results/e2e*).
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= all
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.neuronmap-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test lint setup clean
+.PHONY: run test test-fast lint setup clean
 
 setup: $(STAMP)
 
@@ -27,8 +28,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(MEM_MB),--resources gpu=1 mem_mb=$(MEM_MB)) $(if $(CONFIG),--configfile $(CONFIG))
 
+# Test processes (pytest-xdist). In `make test` one of them runs the e2e tests (the workflow runs,
+# in order) while the others run the rest; each runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest -v --durations=25 tests
+	$(BIN)/pytest -v --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
+
+# Every test but those marked e2e (they start workflow jobs; tests/conftest.py marks them).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q --durations=10 -n $(TEST_WORKERS) -m "not e2e" tests
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
@@ -36,3 +45,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf results .snakemake
+
+# docs/config.md, generated from the config schema (tests/test_docs.py fails while it is stale).
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m neuronmap.config.reference > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md

@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from neuronmap.atlas.index import AtlasSources, build_index, write_index  # noqa: E402
 from neuronmap.atlas.query import Index  # noqa: E402
-from neuronmap.corpus.histogram import HALF, QUANTILES  # noqa: E402
 from neuronmap.io import tables  # noqa: E402
+from neuronmap.io.histogram import HALF, QUANTILES  # noqa: E402
 from neuronmap.io.parquet import write_row_groups, write_table  # noqa: E402
 
 RELATIONS = ["adj_comparative", "country_capital_city", "landmark_in_country", "object_superclass",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
-from neuronmap.stats.expertise import _ap_units_major, unit_chunks
+from neuronmap.maths.expertise import _ap_units_major, unit_chunks
 
 
 def labels(n_prompts: int, n_relations: int, rng: np.random.Generator):

@@ -1,8 +1,8 @@
 rule baseline:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        language_prompts=f"{RUN}/prompts.languages.parquet",
-        model=f"{RUN}/model",
+        prompts=rules.merge_prompts.output[0],
+        language_prompts=rules.prepare_language_prompts.output[0],
+        model=rules.prepare_model.output[0],
     output:
         source=f"{RUN}/evaluation/baseline.parquet",
         languages=f"{RUN}/evaluation/baseline.languages.parquet",
@@ -31,11 +31,11 @@ rule baseline:
 # evaluated together in shared forward batches, then perplexity of the neutral text.
 rule ablate:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        language_prompts=f"{RUN}/prompts.languages.parquet",
-        model=f"{RUN}/model",
-        units=f"{RUN}/units/{{relation}}.parquet",
-        expertise=f"{RUN}/expertise/{{relation}}.parquet",
+        prompts=rules.merge_prompts.output[0],
+        language_prompts=rules.prepare_language_prompts.output[0],
+        model=rules.prepare_model.output[0],
+        units=rules.stats.output.units,
+        expertise=rules.stats.output.expertise,
         text=config["perplexity"]["text"],
     output:
         predictions=f"{RUN}/ablation/{{relation}}.predictions.parquet",
@@ -68,13 +68,11 @@ rule ablate:
 
 rule ablation_summary:
     input:
-        baseline=f"{RUN}/evaluation/baseline.parquet",
-        baseline_languages=f"{RUN}/evaluation/baseline.languages.parquet",
-        predictions=per_relation(f"{RUN}/ablation/{{relation}}.predictions.parquet"),
-        language_predictions=per_relation(
-            f"{RUN}/ablation/{{relation}}.languages.parquet"
-        ),
-        perplexity=per_relation(f"{RUN}/ablation/{{relation}}.perplexity.parquet"),
+        baseline=rules.baseline.output.source,
+        baseline_languages=rules.baseline.output.languages,
+        predictions=per_relation(rules.ablate.output.predictions),
+        language_predictions=per_relation(rules.ablate.output.language_predictions),
+        perplexity=per_relation(rules.ablate.output.perplexity),
     output:
         significance=f"{RUN}/significance.parquet",
         sweep=f"{RUN}/sweep.parquet",
@@ -98,3 +96,26 @@ rule ablation_summary:
         "--perplexity {input.perplexity} --out-significance {output.significance} "
         "--out-sweep {output.sweep} --out-languages {output.languages} "
         "--out-perplexity {output.perplexity} 2> {log}"
+
+
+# Per relation and k: its own top-k against the random controls on the same test prompts.
+rule verdicts:
+    input:
+        baseline=rules.baseline.output.source,
+        predictions=per_relation(rules.ablate.output.predictions),
+    output:
+        f"{RUN}/verdicts.parquet",
+    log:
+        f"{RUN}/logs/verdicts.log",
+    benchmark:
+        f"{RUN}/benchmarks/verdicts.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=1000,
+    params:
+        settings=settings("verdicts"),
+        code=code("verdicts"),
+    shell:
+        "neuronmap verdicts --settings {params.settings:q} --baseline {input.baseline} "
+        "--predictions {input.predictions} --out {output} 2> {log}"

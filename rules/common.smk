@@ -1,4 +1,4 @@
-# Input functions, and what the rules ask the package (neuronmap.config.workflow): the validated
+# Input functions, and what the rules ask the package (neuronmap.workflow): the validated
 # config, each command's settings and code fingerprint, and the files a rule reads.
 import json
 import os
@@ -10,8 +10,12 @@ from snakemake.exceptions import WorkflowError
 
 # This checkout's package, whatever else is installed: its code is what the fingerprints describe.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from neuronmap.config import workflow as package
+from neuronmap import workflow as package
 from neuronmap.errors import NeuronmapError
+from neuronmap.report.inputs import (
+    INPUTS as REPORT_INPUTS,
+    options as report_file_options,
+)
 
 try:
     config.update(package.validated(config))
@@ -32,16 +36,20 @@ REPORT_ASSETS = sorted(
     for path in (Path(workflow.basedir) / "src/neuronmap/report/assets").iterdir()
 )
 
+# The prepared model (prepare_model's output), which the checks below read where it exists while
+# the workflow is parsed, before any rule is defined.
+MODEL_DIR = f"{RUN}/model"
+
 # Bad input stops the run here, before any job starts (main process only: jobs re-parse).
 if workflow.is_main_process:
     try:
-        package.check_config(config, prepared=f"{RUN}/model")
+        package.check_config(config, prepared=MODEL_DIR)
     except NeuronmapError as exc:
         raise WorkflowError(str(exc)) from None
 
 # GPUs each model-running job asks for: resources gpu=N, which SLURM turns into --gpus=N.
 try:
-    GPUS = package.gpus_per_job(config, prepared=f"{RUN}/model")
+    GPUS = package.gpus_per_job(config, prepared=MODEL_DIR)
 except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
 GPUS_HERE = package.gpus_here(config, GPUS)
@@ -53,12 +61,20 @@ def gpus(wildcards):
     return GPUS_HERE if workflow.local_exec else GPUS
 
 
-# The labels stage runs for a labelled corpus (neuronmap.config.workflow.labels_active).
+# The labels stage runs for a labelled corpus (neuronmap.workflow.labels_active).
 try:
     LABELS = package.labels_active(config)
 except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
 LABEL_RESPONSES = LABELS and config["labels"]["ap"]
+
+# The parts of a run (neuronmap.report.inputs.PARTS) this config runs.
+PARTS = {
+    "model": True,
+    "study": config["relation_study"],
+    "corpus": bool(config["corpus"]["path"]),
+    "labels": LABELS,
+}
 
 
 def settings(command):
@@ -98,42 +114,8 @@ def ablate_priority(wildcards):
     )
 
 
-def per_relation(pattern):
-    return expand(pattern, relation=RELATIONS)
-
-
-def shard_outputs(suffix):
-    """One extraction output of every shard of every relation, e.g. shard_outputs("parquet")."""
-    return expand(
-        f"{RUN}/responses/{{relation}}/shard-{{shard}}.{suffix}",
-        relation=RELATIONS,
-        shard=SHARDS,
-    )
-
-
-def model_job_costs():
-    """The cost file of every model-running job."""
-    return (
-        shard_outputs_of(f"{RUN}/cost/extract/{{relation}}-{{shard}}.parquet")
-        + [f"{RUN}/cost/baseline.parquet"]
-        + per_relation(f"{RUN}/cost/ablate/{{relation}}.parquet")
-    )
-
-
-def shard_outputs_of(pattern):
-    return expand(pattern, relation=RELATIONS, shard=SHARDS)
-
-
 def corpus_files(wildcards):
     return package.corpus_files(config)
-
-
-def corpus_shards(kind):
-    """One partial of every records job, e.g. corpus_shards("units")."""
-    return expand(
-        f"{RUN}/corpus/shards/shard-{{shard}}.{kind}.parquet",
-        shard=range(config["corpus"]["shards"]),
-    )
 
 
 def corpus_label_outputs():
@@ -153,97 +135,111 @@ def corpus_label_options():
     )
 
 
+# Expanding a rule's output (rules.<name>.output) over the relations, and over their shards.
+def per_relation(pattern):
+    return expand(pattern, relation=RELATIONS)
+
+
+def per_shard(pattern):
+    return expand(pattern, relation=RELATIONS, shard=SHARDS)
+
+
+# The functions below name other rules' outputs (rules.<name>.output): the input functions run
+# once every rule is defined, all_outputs once the Snakefile has included them.
+def model_job_costs(wildcards):
+    """The cost file of every model-running job."""
+    return (
+        per_shard(rules.extract.output.cost)
+        + [rules.baseline.output.cost]
+        + per_relation(rules.ablate.output.cost)
+    )
+
+
+def corpus_shards(name):
+    """Output `name` of every records job (rule corpus_records), e.g. corpus_shards("units")."""
+
+    def outputs(wildcards):
+        pattern = getattr(rules.corpus_records.output, name)
+        return expand(pattern, shard=range(config["corpus"]["shards"]))
+
+    return outputs
+
+
 def report_inputs(wildcards):
-    """What the report reads, by its option names (report_options): the relation study's files
-    where it runs, the corpus pass's and the labels stage's where they run."""
-    inputs = {"model_dir": f"{RUN}/model"}
-    if config["relation_study"]:
-        inputs.update(
-            prompts=f"{RUN}/prompts.parquet",
-            baseline=f"{RUN}/evaluation/baseline.parquet",
-            units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
-            expertise=per_relation(f"{RUN}/expertise/{{relation}}.parquet"),
-            **{
-                name: f"{RUN}/{name}.parquet"
-                for name in (
-                    "overlap",
-                    "significance",
-                    "sweep",
-                    "neuron_stats",
-                    "top_activations",
-                    "decoded",
-                    "perplexity",
-                    "sparsity",
-                    "languages",
-                    "cost",
-                )
-            },
-            plan=f"{RUN}/plan.json",
+    """What the report reads (neuronmap.report.inputs), by name: the outputs of the rules that
+    write it, of the parts of the run this config runs."""
+    outputs = {
+        "model_dir": rules.prepare_model.output[0],
+        "prompts": rules.merge_prompts.output[0],
+        "baseline": rules.baseline.output.source,
+        "units": per_relation(rules.stats.output.units),
+        "expertise": per_relation(rules.stats.output.expertise),
+        "overlap": rules.overlap.output[0],
+        "significance": rules.ablation_summary.output.significance,
+        "sweep": rules.ablation_summary.output.sweep,
+        "verdicts": rules.verdicts.output[0],
+        "versatility": rules.versatility.output[0],
+        "stability": rules.stability.output[0],
+        "neuron_stats": rules.neuron_stats.output.stats,
+        "top_activations": rules.neuron_stats.output.top,
+        "decoded": rules.decode.output[0],
+        "perplexity": rules.ablation_summary.output.perplexity,
+        "sparsity": rules.sparsity.output.layers,
+        "languages": rules.ablation_summary.output.languages,
+        "cost": rules.cost.output[0],
+        "plan": rules.plan.output[0],
+        "contexts": rules.corpus_contexts.output[0],
+        "corpus_units": rules.corpus_merge.output.units,
+        "label_records": rules.label_select.output.records,
+        "label_units": rules.label_select.output.units,
+        "label_perplexity": rules.label_perplexity.output.summary,
+        "label_overlap": rules.label_select.output.overlap,
+    }
+    declared = {i.name for i in REPORT_INPUTS}
+    if declared != set(outputs):
+        raise WorkflowError(
+            "the report's inputs declared in neuronmap.report.inputs and those report_inputs "
+            f"names an output for differ: {', '.join(sorted(declared ^ set(outputs)))}"
         )
-    if config["corpus"]["path"]:
-        inputs.update(
-            contexts=f"{RUN}/corpus/contexts.parquet",
-            corpus_units=f"{RUN}/corpus/units.parquet",
-        )
-    if LABELS:
-        inputs.update(
-            label_records=f"{RUN}/labels/label_records.parquet",
-            label_units=f"{RUN}/labels/label_units.parquet",
-            label_perplexity=f"{RUN}/labels/perplexity.parquet",
-            label_overlap=f"{RUN}/labels/overlap.parquet",
-        )
-    return inputs
+    return {i.name: outputs[i.name] for i in REPORT_INPUTS if PARTS[i.part]}
 
 
 def report_options(wildcards, input):
     """The report's options for the files report_inputs names: --<name> <file(s)>."""
-    options = []
-    for name, files in input.items():
-        if name != "assets":
-            files = [files] if isinstance(files, str) else list(files)
-            options += [f"--{name.replace('_', '-')}", *map(shlex.quote, files)]
-    return " ".join(options)
+    files = {name: files for name, files in input.items() if name != "assets"}
+    return " ".join(map(shlex.quote, report_file_options(files)))
 
 
 def all_outputs():
     """The report, whichever parts run; the relation study's tables the report does
     not show; the corpus records where the config names a corpus."""
-    outputs = [f"{RUN}/report.html"]
-    if config["relation_study"]:
-        outputs += [
-            f"{RUN}/shared_units.parquet",
-            f"{RUN}/dead_units.parquet",
-        ]
-    if config["corpus"]["path"]:
-        outputs += [
-            f"{RUN}/corpus/units.parquet",
-            f"{RUN}/corpus/examples.parquet",
-            f"{RUN}/corpus/peak_tokens.parquet",
-        ]
-    if LABELS:
-        outputs += [f"{RUN}/labels/perplexity.parquet"]
+    outputs = [rules.report.output.html]
+    if PARTS["study"]:
+        outputs += [rules.shared_units.output[0], rules.sparsity.output.dead]
+    if PARTS["corpus"]:
+        merged = rules.corpus_merge.output
+        outputs += [merged.units, merged.examples, merged.peak_tokens]
+    if PARTS["labels"]:
+        outputs += [rules.label_perplexity.output.summary]
     return outputs
 
 
 def atlas_sources(wildcards):
     """What the atlas index reads: the files of every stage this config runs (each list empty
     where its stage does not run)."""
-    corpus = bool(config["corpus"]["path"])
-    study = config["relation_study"]
 
-    def labels(name):
-        return [f"{RUN}/labels/label_{name}.parquet"] if LABELS else []
+    def where(part, *files):
+        return list(files) if PARTS[part] else []
 
+    merged, labels = rules.corpus_merge.output, rules.label_select.output
     return {
-        "units": [f"{RUN}/corpus/units.parquet"] if corpus else [],
-        "examples": [f"{RUN}/corpus/examples.parquet"] if corpus else [],
-        "peak_tokens": [f"{RUN}/corpus/peak_tokens.parquet"] if corpus else [],
-        "neuron_stats": [f"{RUN}/neuron_stats.parquet"] if study else [],
-        "decoded": [f"{RUN}/decoded.parquet"] if study else [],
-        "expertise": (
-            per_relation(f"{RUN}/expertise/{{relation}}.parquet") if study else []
-        ),
-        "label_records": labels("records"),
-        "label_units": labels("units"),
-        "label_expertise": labels("expertise"),
+        "units": where("corpus", merged.units),
+        "examples": where("corpus", merged.examples),
+        "peak_tokens": where("corpus", merged.peak_tokens),
+        "neuron_stats": where("study", rules.neuron_stats.output.stats),
+        "decoded": where("study", rules.decode.output[0]),
+        "expertise": where("study", *per_relation(rules.stats.output.expertise)),
+        "label_records": where("labels", labels.records),
+        "label_units": where("labels", labels.units),
+        "label_expertise": where("labels", labels.expertise),
     }

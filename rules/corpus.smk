@@ -4,7 +4,7 @@
 rule corpus_contexts:
     input:
         corpus=corpus_files,
-        model=f"{RUN}/model",
+        model=rules.prepare_model.output[0],
     output:
         f"{RUN}/corpus/contexts.parquet",
     log:
@@ -26,8 +26,8 @@ rule corpus_contexts:
 # One job per shard; a killed job, run again, resumes from its checkpoint.
 rule corpus_records:
     input:
-        contexts=f"{RUN}/corpus/contexts.parquet",
-        model=f"{RUN}/model",
+        contexts=rules.corpus_contexts.output[0],
+        model=rules.prepare_model.output[0],
     output:
         **corpus_label_outputs(),
         units=f"{RUN}/corpus/shards/shard-{{shard}}.units.parquet",
@@ -56,8 +56,8 @@ rule corpus_records:
 
 rule corpus_merge:
     input:
-        contexts=f"{RUN}/corpus/contexts.parquet",
-        model=f"{RUN}/model",
+        contexts=rules.corpus_contexts.output[0],
+        model=rules.prepare_model.output[0],
         units=corpus_shards("units"),
         extremes=corpus_shards("extremes"),
     output:

@@ -1,7 +1,7 @@
 rule extract:
     input:
-        prompts=f"{RUN}/prompts/{{relation}}.parquet",
-        model=f"{RUN}/model",
+        prompts=rules.prepare_prompts.output[0],
+        model=rules.prepare_model.output[0],
     output:
         responses=f"{RUN}/responses/{{relation}}/shard-{{shard}}.parquet",
         stats=f"{RUN}/responses/{{relation}}/shard-{{shard}}.stats.parquet",
@@ -30,8 +30,8 @@ rule extract:
 
 rule neuron_stats:
     input:
-        stats=shard_outputs("stats.parquet"),
-        top=shard_outputs("top.parquet"),
+        stats=per_shard(rules.extract.output.stats),
+        top=per_shard(rules.extract.output.top),
     output:
         stats=f"{RUN}/neuron_stats.parquet",
         top=f"{RUN}/top_activations.parquet",
@@ -54,8 +54,8 @@ rule neuron_stats:
 # A bare forward pass over a sample of the prompts: the rate cost.parquet compares stages with.
 rule calibrate:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        model=f"{RUN}/model",
+        prompts=rules.merge_prompts.output[0],
+        model=rules.prepare_model.output[0],
     output:
         f"{RUN}/cost/calibrate.parquet",
     log:

@@ -4,7 +4,7 @@
 
 rule label_select:
     input:
-        contexts=f"{RUN}/corpus/contexts.parquet",
+        contexts=rules.corpus_contexts.output[0],
         labels=corpus_shards("labels"),
         responses=corpus_shards("responses") if LABEL_RESPONSES else [],
     output:
@@ -33,9 +33,9 @@ rule label_select:
 
 rule label_perplexity:
     input:
-        contexts=f"{RUN}/corpus/contexts.parquet",
-        model=f"{RUN}/model",
-        units=f"{RUN}/labels/label_units.parquet",
+        contexts=rules.corpus_contexts.output[0],
+        model=rules.prepare_model.output[0],
+        units=rules.label_select.output.units,
     output:
         contexts=f"{RUN}/labels/perplexity_contexts.parquet",
         summary=f"{RUN}/labels/perplexity.parquet",

@@ -5,7 +5,7 @@
 # config whose jobs do not fit the memory it gives them.
 rule plan:
     input:
-        model=f"{RUN}/model",
+        model=rules.prepare_model.output[0],
         relations=relation_files,
     output:
         f"{RUN}/plan.json",

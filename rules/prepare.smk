@@ -1,6 +1,6 @@
 rule prepare_model:
     output:
-        directory(f"{RUN}/model"),
+        directory(MODEL_DIR),
     log:
         f"{RUN}/logs/prepare_model.log",
     benchmark:
@@ -43,7 +43,7 @@ rule prepare_prompts:
 # expertise, test prompts for evaluation).
 rule merge_prompts:
     input:
-        relations=per_relation(f"{RUN}/prompts/{{relation}}.parquet"),
+        relations=per_relation(rules.prepare_prompts.output[0]),
     output:
         f"{RUN}/prompts.parquet",
     log:

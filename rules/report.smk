@@ -1,8 +1,8 @@
 # What the run cost, stage by stage, against the calibration job's bare forward pass.
 rule cost:
     input:
-        jobs=model_job_costs(),
-        calibration=f"{RUN}/cost/calibrate.parquet",
+        jobs=model_job_costs,
+        calibration=rules.calibrate.output[0],
     output:
         f"{RUN}/cost.parquet",
     log:

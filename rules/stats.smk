@@ -1,7 +1,7 @@
 rule stats_block:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        responses=shard_outputs("parquet"),
+        prompts=rules.merge_prompts.output[0],
+        responses=per_shard(rules.extract.output.responses),
     output:
         f"{RUN}/expertise/blocks/block-{{block}}.parquet",
     log:
@@ -24,10 +24,8 @@ rule stats_block:
 
 rule stats:
     input:
-        prompts=f"{RUN}/prompts.parquet",
-        blocks=expand(
-            f"{RUN}/expertise/blocks/block-{{block}}.parquet", block=STATS_BLOCKS
-        ),
+        prompts=rules.merge_prompts.output[0],
+        blocks=expand(rules.stats_block.output[0], block=STATS_BLOCKS),
     output:
         expertise=f"{RUN}/expertise/{{relation}}.parquet",
         prompts=f"{RUN}/expertise/{{relation}}.prompts.parquet",
@@ -54,7 +52,7 @@ rule stats:
 
 rule overlap:
     input:
-        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
+        units=per_relation(rules.stats.output.units),
     output:
         f"{RUN}/overlap.parquet",
     log:
@@ -75,7 +73,7 @@ rule overlap:
 
 rule shared_units:
     input:
-        units=per_relation(f"{RUN}/units/{{relation}}.parquet"),
+        units=per_relation(rules.stats.output.units),
     output:
         f"{RUN}/shared_units.parquet",
     log:
@@ -96,7 +94,7 @@ rule shared_units:
 
 rule decode:
     input:
-        model=f"{RUN}/model",
+        model=rules.prepare_model.output[0],
     output:
         f"{RUN}/decoded.parquet",
     log:
@@ -120,7 +118,7 @@ rule decode:
 
 rule sparsity:
     input:
-        stats=f"{RUN}/neuron_stats.parquet",
+        stats=rules.neuron_stats.output.stats,
     output:
         layers=f"{RUN}/sparsity.parquet",
         dead=f"{RUN}/dead_units.parquet",
@@ -138,3 +136,74 @@ rule sparsity:
     shell:
         "neuronmap sparsity --settings {params.settings:q} --neuron-stats {input.stats} "
         "--out {output.layers} --out-dead {output.dead} 2> {log}"
+
+
+# The selection rerun on permuted relation labels, on pairs of relations and on halves of the
+# facts, for one block of layers (one sort per unit serves them all): versatility's and
+# stability's map step.
+rule labeling_block:
+    input:
+        prompts=rules.merge_prompts.output[0],
+        responses=per_shard(rules.extract.output.responses),
+    output:
+        f"{RUN}/labelings/block-{{block}}.parquet",
+    log:
+        f"{RUN}/logs/labelings/block-{{block}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/labeling_block/block-{{block}}.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+    params:
+        settings=settings("labeling-block"),
+        code=code("labeling-block"),
+    shell:
+        "neuronmap labeling-block --settings {params.settings:q} --prompts {input.prompts} "
+        "--responses {input.responses} --block {wildcards.block} --out {output} 2> {log}"
+
+
+rule versatility:
+    input:
+        units=per_relation(rules.stats.output.units),
+        blocks=expand(rules.labeling_block.output[0], block=STATS_BLOCKS),
+        expertise=expand(rules.stats.output.expertise, relation=RELATIONS[0]),
+    output:
+        f"{RUN}/versatility.parquet",
+    log:
+        f"{RUN}/logs/versatility.log",
+    benchmark:
+        f"{RUN}/benchmarks/versatility.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        settings=settings("versatility"),
+        code=code("versatility"),
+    shell:
+        "neuronmap versatility --settings {params.settings:q} --units {input.units} "
+        "--blocks {input.blocks} --expertise {input.expertise} --out {output} 2> {log}"
+
+
+rule stability:
+    input:
+        prompts=rules.merge_prompts.output[0],
+        blocks=expand(rules.labeling_block.output[0], block=STATS_BLOCKS),
+    output:
+        f"{RUN}/stability.parquet",
+    log:
+        f"{RUN}/logs/stability.log",
+    benchmark:
+        f"{RUN}/benchmarks/stability.tsv"
+    conda:
+        "../envs/neuronmap.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        settings=settings("stability"),
+        code=code("stability"),
+    shell:
+        "neuronmap stability --settings {params.settings:q} --prompts {input.prompts} "
+        "--blocks {input.blocks} --out {output} 2> {log}"

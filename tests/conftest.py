@@ -1,13 +1,84 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test-fast` runs one worker per core: a worker's torch (and the jobs it starts) on one
+    # thread, or two workers' threads would contend for each core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 RELATIONS = REPO / "data" / "relations"
+# The venv's own Snakemake, by its path: a run finds the `neuronmap` of the environment that runs it.
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+# Options after which Snakemake starts no job: a test that passes one may stay in `make test-fast`.
+STARTS_NO_JOB = {"-n", "--dry-run", "--dryrun", "--lint", "--summary", "--detailed-summary", "-D",
+                 "--list-rules", "--unlock"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the end-to-end run is an `e2e` test (left out by `make test-fast`); a
+    test that starts workflow jobs, or a job's command as a process, carries the marker itself.
+
+    The tests of the e2e run come first, as one xdist group: under `make test` (pytest -n 2
+    --dist loadgroup) one worker makes the run and runs them from the start, while the other runs
+    the rest; no second worker makes the run again."""
+    for item in items:
+        if "e2e_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+    first = [item for item in items if item.get_closest_marker("xdist_group")]
+    items[:] = first + [item for item in items if not item.get_closest_marker("xdist_group")]
+
+
+_current_test: list = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current_test[0] = item
+
+
+def snakemake_env(**overrides) -> dict:
+    """The environment of a workflow run: the venv's tools first on PATH (jobs call `neuronmap`), offline."""
+    return {**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+            **overrides}
+
+
+def snakemake_command(config_path, *args, profile="profiles/local", cores=2, launcher=(str(SNAKEMAKE),)) -> list[str]:
+    """The one way the tests start Snakemake: the venv's (or `launcher`, a command that runs its
+    command line), a config file, a workflow profile, and `cores` (None for a cluster executor,
+    whose profile says how many jobs run at once)."""
+    command = [*launcher, "--configfile", str(config_path), "--workflow-profile", profile]
+    if cores is not None:
+        command += ["--cores", str(cores)]
+    return [*command, *map(str, args)]
+
+
+def run_snakemake(config_path, *args, timeout=1800, profile="profiles/local", cores=2, cwd=REPO,
+                  env=None, kill_after=None, launcher=(str(SNAKEMAKE),)) -> subprocess.CompletedProcess:
+    """Run the workflow of `cwd` (the repository) and wait; stdout and stderr are captured.
+    `kill_after` seconds: SIGKILL then (`timeout -s KILL`), for a run that may hang and ignore
+    SIGTERM (a SLURM run that never hears of its jobs).
+
+    A test that starts jobs is slow: unless it is marked `e2e`, it fails here and says so, so
+    that `make test-fast` stays fast. Dry runs and runs that stop while parsing are fine."""
+    command = snakemake_command(config_path, *args, profile=profile, cores=cores, launcher=launcher)
+    if kill_after is not None:
+        command = ["timeout", "-s", "KILL", str(kill_after), *command]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env or snakemake_env(),
+                            timeout=timeout)
+    item = _current_test[0]
+    if (item is not None and item.get_closest_marker("e2e") is None and not STARTS_NO_JOB & set(args)
+            and "Finished jobid" in result.stdout + result.stderr):
+        pytest.fail(f"{item.nodeid} ran workflow jobs: mark it @pytest.mark.e2e (make test-fast leaves those out)")
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -34,17 +105,6 @@ def smollm2_dir(tmp_path_factory):
 def smollm2(smollm2_dir):
     from neuronmap.model.loading import load_model
     return load_model(smollm2_dir, device="cpu", dtype="float32")
-
-
-def run_snakemake(config_path, *args, timeout=1800, profile="profiles/local"):
-    """Run the real workflow from the repository, with the venv's tools on PATH."""
-    import subprocess
-    import sys
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["snakemake", "--configfile", str(config_path), "--cores", "2",
-                           "--workflow-profile", profile, *args],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,7 @@ def label_perplexity_table(label_units: pl.DataFrame, cells: dict, alpha: float 
     """tables.LABEL_PERPLEXITY from chosen numbers: `cells` maps (method, ablated label, evaluated
     label) to (excess, ci_low, ci_high, p_value); q-values are Benjamini-Hochberg over the
     matrix, the ratios follow from the excess (random ratio 1.01, selected = random * e^excess)."""
-    from neuronmap.ablate.significance import benjamini_hochberg
+    from neuronmap.maths.significance import benjamini_hochberg
     sizes = {(method, label): n for method, label, n in label_units.group_by("method", "label").len().iter_rows()}
     rows = []
     for (method, ablated, evaluated), (excess, low, high, p) in sorted(cells.items()):
@@ -142,7 +142,7 @@ def write_label_analyses(out_dir: Path, n_layers: int, width: int, labels=LABELS
     `labels`, in the stages' schemas, with random numbers: each label's LAPE and AP selections
     (`per_label` gate units each, a quarter shared), their overlap as the stage defines it (a
     hypergeometric tail), and the perplexity matrix (`cells`, or random: the own label's excess
-    clearly positive, the others' near 0). Returns the paths by CorpusInputs's field names."""
+    clearly positive, the others' near 0). Returns the paths by their names in neuronmap.report.inputs."""
     from scipy.stats import hypergeom
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)

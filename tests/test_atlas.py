@@ -22,10 +22,9 @@ import pytest
 from neuronmap import cli
 from neuronmap.atlas.card import EXAMPLE_COLUMNS
 from neuronmap.atlas.index import KEY, STATISTICS, AtlasSources, build_index, write_index
-from neuronmap.atlas.query import parse_unit_name
 from neuronmap.atlas.server import Atlas, make_server, url_of
-from neuronmap.corpus.histogram import bin_edges
 from neuronmap.io import tables
+from neuronmap.io.histogram import bin_edges
 from neuronmap.io.parquet import write_table
 
 from conftest import REPO, run_snakemake
@@ -147,13 +146,6 @@ def test_index_rows_brute_force(run, index):
 
 
 # --- the API ------------------------------------------------------------------------------------
-
-def test_unit_names_parse():
-    for text in ("act/12/345", "act 12 345", "act L12 #345", " ACT/12/345 ", "act:12:345"):
-        assert parse_unit_name(text) == ("act", 12, 345), text
-    for text in ("hat", "act 12", "12 345", "act/12/x"):
-        assert parse_unit_name(text) is None, text
-
 
 def test_start_reads_the_index_alone_and_a_card_one_layer(run):
     atlas = Atlas(run)
@@ -481,6 +473,7 @@ def test_atlas_page_in_chromium(run, atlas, index):
     assert [r for r in requests if not r.startswith(url)] == [], "the page must request nothing but the server"
 
 
+@pytest.mark.e2e  # a benchmark script as a process: make test only
 def test_bench_smoke_prints_its_json_line():
     """bench/atlas.py on 2 small layers, so that the benchmark cannot rot."""
     result = subprocess.run([sys.executable, "bench/atlas.py", "--smoke"], cwd=REPO, capture_output=True, text=True,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from neuronmap.stats.expertise import average_precision
+from neuronmap.maths.expertise import average_precision
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -46,7 +46,7 @@ def test_no_positive_is_an_error():
 
 def test_shared_sort_with_excluded_prompts_matches_sklearn_per_relation():
     """One sort serves several relations, each counting only its own prompts."""
-    from neuronmap.stats.expertise import average_precision_many
+    from neuronmap.maths.expertise import average_precision_many
     rng = np.random.default_rng(3)
     n, units, relations = 120, 25, 4
     scores = np.round(rng.normal(size=(n, units)) * 3) / 3  # ties
@@ -62,7 +62,7 @@ def test_shared_sort_with_excluded_prompts_matches_sklearn_per_relation():
 
 
 def test_separation_is_the_standardized_difference_of_means():
-    from neuronmap.stats.expertise import separation
+    from neuronmap.maths.expertise import separation
     rng = np.random.default_rng(3)
     on, off = rng.normal(1.0, 2.0, (30, 5)), rng.normal(0.0, 1.0, (70, 5))
     expected = (on.mean(0) - off.mean(0)) / np.sqrt((on.var(0) + off.var(0)) / 2)
@@ -73,7 +73,8 @@ def test_separation_is_the_standardized_difference_of_means():
 
 def test_ranks_follow_ap_then_separation_then_position():
     import polars as pl
-    from neuronmap.stats.expertise import rank_units, top_ties
+    from neuronmap.maths.expertise import top_ties
+    from neuronmap.stats.expertise import rank_units
     scores = pl.DataFrame({
         "site": ["up", "gate", "gate", "act", "act", "down"], "layer": [0, 1, 1, 2, 0, 0],
         "unit": [0, 5, 4, 1, 1, 9], "ap": [1.0, 1.0, 0.5, 1.0, 1.0, 0.9],

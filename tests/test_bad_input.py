@@ -1,37 +1,32 @@
 """Bad input: one clear message naming the key or file, a non-zero exit, nothing written.
 
-Every problem is caught while Snakemake parses the workflow (neuronmap.config.checks, called by
+Every problem is caught while Snakemake parses the workflow (neuronmap.workflow.checks, called by
 rules/common.smk), before any job starts, so the run's folder is never created. Every case
-reuses the e2e run's prepared model (a local directory), so nothing is converted.
+uses the session's prepared model (a local directory), so nothing is converted, and no case
+needs a workflow run: they belong to `make test-fast`.
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
 
 def run_workflow(config: dict, tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["snakemake", "--configfile", str(path), "--cores", "2", "--workflow-profile",
-                           "profiles/local", *targets], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=900)
+    return run_snakemake(path, *targets, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def base_config(e2e_run, e2e_config) -> dict:
+def base_config(smollm2_dir, e2e_config) -> dict:
     config = yaml.safe_load(e2e_config.read_text())
-    config["model"] = str(e2e_run / "model")
+    config["model"] = str(smollm2_dir)
     return config
 
 
@@ -91,6 +86,22 @@ def llama_dir(tmp_path, files=("model.safetensors", "tokenizer.json"), **config)
     return {"model": str(model)}
 
 
+def corpus_with_an_empty_label_file(tmp_path) -> dict:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(REPO / "tests" / "data" / "corpus" / "en.jsonl", folder)
+    (folder / "de.jsonl").write_bytes(b"")
+    return {"corpus": {"path": str(folder)}}
+
+
+def txt_corpus_with_a_label_column(tmp_path) -> dict:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for label in ("de", "en"):
+        (folder / f"{label}.txt").write_text(f"A document labelled {label}.")
+    return {"corpus": {"path": str(folder), "label_column": "lang"}}
+
+
 FACTS = [{"subject": f"subject {i}", "object": f"object {i}"} for i in range(40)]
 
 # (case, change to the e2e config, what the one message must say)
@@ -128,6 +139,12 @@ PARSE_TIME = [
                                                            vocab_size=32000),
                                                "device": "cuda", "plan": {"gpu_memory": 10}},
      "plan.gpu_memory: the extract job needs 13.3 GiB on GPU 0"),
+    # A label file without text would drop its label from the comparison in silence.
+    ("empty-label-file", corpus_with_an_empty_label_file,
+     "de.jsonl: empty, so the label 'de' has no documents and would drop out of the labels compared"),
+    # A folder's labels are its file names (and a .txt file has no columns): the key would do nothing.
+    ("label-column-that-cannot-apply", txt_corpus_with_a_label_column,
+     "corpus.label_column 'lang' cannot apply to the corpus folder"),
     # The down site of SmolLM2-135M has 30 layers x 576 units = 17280 units.
     ("top-k-over-units", lambda tmp: {"sites": ["down"], "top_k": [20000]},
      "top_k: 20000 is more than the 17280 units of sites ['down'] in llama (30 layers)"),

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.e2e  # a benchmark script as a process, the model loaded: make test only
 def test_gpu_benchmark_smoke_mode_prints_its_json_line():
     result = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
                             timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -18,14 +18,14 @@ import torch
 from neuronmap.corpus import native as records_kernel
 from neuronmap.corpus.contexts import cut_contexts
 from neuronmap.corpus.engine import RecordsOutputs, RecordsPass
-from neuronmap.corpus.histogram import (ABSOLUTE_FLOOR, BINS, HALF, MIN_EXPONENT, OCTAVES, QUANTILES,
-                                        RELATIVE_ERROR, SUB_BITS, bins_of, from_lists)
 from neuronmap.corpus.merge import merge_records
-from neuronmap.corpus.reading import Document, read_documents
+from neuronmap.corpus.reading import Document, corpus_files, read_documents
 from neuronmap.corpus.reductions import SiteRecords
 from neuronmap.corpus.settings import MergeSettings, RecordsSettings
 from neuronmap.errors import NeuronmapError
 from neuronmap.io import tables
+from neuronmap.io.histogram import (ABSOLUTE_FLOOR, BINS, HALF, MIN_EXPONENT, OCTAVES, QUANTILES, RELATIVE_ERROR,
+                                    SUB_BITS, bins_of, from_lists)
 from neuronmap.model.architectures import MlpSites
 from neuronmap.model.native import compile_kernel
 
@@ -266,6 +266,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(smollm2, contexts, tmp_pa
     assert first._resume(outputs.checkpoint) == 1
 
 
+@pytest.mark.e2e  # runs the job's command three times, as the workflow does: make test only
 def test_killed_records_job_resumes_to_the_same_records(smollm2_dir, contexts, tmp_path):
     """A real SIGKILL of `neuronmap corpus-records`, then the same command again."""
     contexts_path = tmp_path / "contexts.parquet"
@@ -321,6 +322,41 @@ def test_bad_corpus_files_are_named(tmp_path, name, content, message):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(NeuronmapError, match=message.replace(".", r"\.").replace("(", r"\(")):
         read_documents(path)
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\n"], ids=["zero-bytes", "blank-lines"])
+def test_a_label_file_without_documents_is_refused(tmp_path, content):
+    """Its label would silently drop out of the labels compared. An empty file is caught from its
+    size alone (at every parse of the workflow); blank lines when the contexts job reads it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "en.txt").write_text("One document.\n\nAnother.")
+    (folder / "de.txt").write_text(content)
+    message = r"de\.txt: (empty|no document in it holds text), so the label 'de' has no documents"
+    if not content:
+        with pytest.raises(NeuronmapError, match=message):
+            corpus_files(folder)
+    with pytest.raises(NeuronmapError, match=message):
+        read_documents(folder)
+
+
+def test_a_label_column_that_cannot_apply_is_refused(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "en.txt").write_text("One document.")
+    (folder / "de.jsonl").write_text(json.dumps({"text": "Ein Satz.", "lang": "de"}) + "\n")
+    for path in (folder, folder / "en.txt"):  # labels from file names; a .txt file has no columns
+        with pytest.raises(NeuronmapError, match=r"corpus\.label_column 'lang' cannot apply to .*(folder|en\.txt)"):
+            corpus_files(path, "lang")
+        with pytest.raises(NeuronmapError, match=r"corpus\.label_column 'lang' cannot apply"):
+            read_documents(path, label_column="lang")
+    # A file without that column or field: found when the contexts job reads it.
+    pl.DataFrame({"text": ["one"], "topic": ["a"]}).write_parquet(tmp_path / "topics.parquet")
+    with pytest.raises(NeuronmapError, match=r"topics\.parquet: no column 'lang' \(corpus\.label_column; it has"):
+        read_documents(tmp_path / "topics.parquet", label_column="lang")
+    with pytest.raises(NeuronmapError, match=r"de\.jsonl: no line has the field 'topic' \(corpus\.label_column\)"):
+        read_documents(folder / "de.jsonl", label_column="topic")
+    assert [d.label for d in read_documents(folder / "de.jsonl", label_column="lang")] == ["de"]
 
 
 def test_shards_stay_put_when_documents_are_added():

@@ -15,21 +15,14 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_snakemake, snakemake_command, snakemake_env
 
 KILL_DEADLINE = 900   # s to wait for the first finished shard (a few seconds on an idle machine)
 RUN_TIMEOUT = 900
 
 
-def _env():
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "HF_HUB_OFFLINE": "1"}
-
-
-def _command(config_path: Path) -> list[str]:
-    # Extraction only (--until): the crash is about it, the rest of the run would add nothing.
-    return ["snakemake", "--configfile", str(config_path), "--cores", "2", "--workflow-profile", "profiles/local",
-            "--until", "extract"]
+# Extraction only (--until): the crash is about it, the rest of the run would add nothing.
+UNTIL_EXTRACT = ("--until", "extract")
 
 
 def _incomplete(path: Path) -> bool:
@@ -95,7 +88,8 @@ def crash_config(e2e_run, e2e_config, tmp_path_factory):
 
 def test_sigkill_during_extraction_costs_only_the_unfinished_shards(crash_config):
     config_path, run_dir = crash_config
-    process = subprocess.Popen(_command(config_path), cwd=REPO, env=_env(), start_new_session=True,
+    process = subprocess.Popen(snakemake_command(config_path, *UNTIL_EXTRACT), cwd=REPO, env=snakemake_env(),
+                               start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + KILL_DEADLINE
     try:
@@ -116,8 +110,7 @@ def test_sigkill_during_extraction_costs_only_the_unfinished_shards(crash_config
     assert len(finished) < expected_jobs, "the kill came too late: every shard had finished"
 
     _remove_locks_of(run_dir)
-    rerun = subprocess.run(_command(config_path), cwd=REPO, env=_env(), capture_output=True, text=True,
-                           timeout=RUN_TIMEOUT)
+    rerun = run_snakemake(config_path, *UNTIL_EXTRACT, timeout=RUN_TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr[-5000:]
     log = rerun.stdout + rerun.stderr
     assert "rule prepare_model:" not in log and "rule prepare_prompts:" not in log
@@ -134,7 +127,7 @@ def test_sigkill_during_extraction_costs_only_the_unfinished_shards(crash_config
 
 def _neuronmap(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neuronmap", *args], capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env=snakemake_env(), timeout=300)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_parquet"])

@@ -1,11 +1,11 @@
-"""Code fingerprints (neuronmap.config.fingerprint) against a small package written here: what
+"""Code fingerprints (neuronmap.workflow.fingerprint) against a small package written here: what
 counts as a change of a command's code and what does not."""
 
 import textwrap
 
 import pytest
 
-from neuronmap.config.fingerprint import ModuleGraph, code_fingerprint, command_modules
+from neuronmap.workflow.fingerprint import ModuleGraph, code_fingerprint, command_modules
 from conftest import REPO
 
 

@@ -297,6 +297,7 @@ def test_bad_label_units_are_named(smollm2, contexts, label_units):
                             SEEDS)
 
 
+@pytest.mark.e2e  # the job's command as a process, the model loaded anew: make test only
 def test_command_end_to_end(smollm2_dir, contexts, tmp_path):
     contexts_path, units_path = tmp_path / "contexts.parquet", tmp_path / "label_units.parquet"
     write_table(contexts, contexts_path, tables.CONTEXTS)

@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from neuronmap.cli import main
-from neuronmap.config.checks import check_plan
+from neuronmap.workflow.checks import check_plan
 from neuronmap.config.schema import validated
 from neuronmap.errors import NeuronmapError
 from neuronmap.plan.settings import PlanSettings
@@ -120,6 +121,7 @@ def measured_and_planned(model_dir, tmp_path, config):
     return int(result.stdout.split()[-1]), plan["jobs"][0]["peak_bytes"]["cpu"]
 
 
+@pytest.mark.e2e  # two extraction jobs as processes, each timed for its peak: make test only
 def test_extraction_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
     from test_dispatch import char_tokenizer, tiny_config
     from transformers import AutoModelForCausalLM
@@ -137,7 +139,7 @@ def test_extraction_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp
 
 def test_a_local_run_on_the_cpu_asks_for_no_gpu(monkeypatch):
     import torch
-    from neuronmap.config.workflow import gpus_here, gpus_per_job
+    from neuronmap.workflow import gpus_here, gpus_per_job
     config = validated({"device": "cpu"})
     # A cluster job gets what its config asks for wherever the workflow was parsed ...
     assert gpus_per_job(config) == 1
@@ -150,3 +152,14 @@ def test_a_local_run_on_the_cpu_asks_for_no_gpu(monkeypatch):
     assert gpus_here(auto, 1) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert gpus_here(auto, 1) == 1
+
+
+def test_a_machine_without_a_gpu_driver_is_known_without_torch():
+    """Every parse of the workflow asks (every SLURM job parses it): without a GPU driver's device
+    node, torch's import (seconds) is spared and the answer is the CPU, as torch's would be."""
+    from neuronmap.workflow import GPU_DRIVER_NODES
+    if sys.platform != "linux" or any(Path(node).exists() for node in GPU_DRIVER_NODES):
+        pytest.skip("this machine has a GPU driver")
+    probe = "import sys; from neuronmap.workflow import runs_on_cpu; print(runs_on_cpu('auto'), 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["True", "False"]

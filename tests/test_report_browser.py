@@ -42,7 +42,8 @@ def expected_atlas(run: Path, per_relation: int) -> pl.DataFrame:
 
 
 def schema_default(key: str):
-    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    from neuronmap.config.schema import load_schema
+    schema = load_schema()
     return schema["properties"]["report"]["properties"][key]["default"]
 
 
@@ -176,22 +177,23 @@ def complete_report(e2e_run, tmp_path_factory):
 
     from neuronmap.config.schema import validated
     from neuronmap.model.loading import read_manifest
-    from neuronmap.report.build import CorpusInputs, ReportInputs, build_report
+    from neuronmap.report.build import build_report
+    from neuronmap.report.inputs import report_files
     out = tmp_path_factory.mktemp("complete")
     extra = write_later_analyses(e2e_run, out / "analyses")
     relations = sorted(expertise_files(e2e_run))
-    inputs = ReportInputs(
+    study = dict(
         prompts=e2e_run / "prompts.parquet", model_dir=e2e_run / "model",
         baseline=e2e_run / "evaluation" / "baseline.parquet",
         units=[e2e_run / "units" / f"{r}.parquet" for r in relations],
         expertise=[e2e_run / "expertise" / f"{r}.parquet" for r in relations],
-        overlap=e2e_run / "overlap.parquet", **extra)
+        overlap=e2e_run / "overlap.parquet", verdicts=e2e_run / "verdicts.parquet",
+        versatility=e2e_run / "versatility.parquet", stability=e2e_run / "stability.parquet", **extra)
     config = yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text())
     config.update(sites=["gate", "up", "act", "down"], pooling="mean", few_shot=3, run="complete",
                   report={"atlas_units_per_relation": 150, "atlas_prompts_per_unit": 4})
-    corpus = CorpusInputs(model_dir=e2e_run / "model", **write_label_analyses(
-        out / "labels", n_layers=read_manifest(e2e_run / "model")["n_layers"], width=1536))
-    build_report(inputs, validated(config), out / "report.html", out / "figures", corpus)
+    corpus = write_label_analyses(out / "labels", n_layers=read_manifest(e2e_run / "model")["n_layers"], width=1536)
+    build_report(report_files({**study, **corpus}), validated(config), out / "report.html", out / "figures")
     return out, extra
 
 

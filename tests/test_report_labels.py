@@ -25,6 +25,7 @@ from report_fixtures import KEY, label_perplexity_table, write_label_analyses
 from neuronmap import cli
 from neuronmap.config.schema import validated
 from neuronmap.report import labels
+from neuronmap.report.inputs import INPUTS, options
 from neuronmap.report.label_findings import label_findings
 
 LABELS = ("de", "en", "es")
@@ -213,9 +214,7 @@ def test_a_significant_fall_is_reversed_and_an_empty_selection_undecided():
 @pytest.fixture(scope="module")
 def labels_report(label_files, smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("labels-report")
-    folder = label_files["label_units"].parent
-    assert report(out, smollm2_dir, label_files, config(), "--contexts", str(label_files["contexts"]),
-                  "--corpus-units", str(label_files["corpus_units"]), "--labels-dir", str(folder)) == 0
+    assert report(out, smollm2_dir, label_files, config(), *options(label_files)) == 0
     return out
 
 
@@ -278,8 +277,7 @@ def test_labels_without_ap_report_lapes_alone(label_files, smollm2_dir, tmp_path
         frame = pl.read_parquet(label_files[name])
         lape[name] = tmp_path / label_files[name].name
         (frame.filter(pl.col("method") == "lape") if "method" in frame.columns else frame).write_parquet(lape[name])
-    assert report(tmp_path, smollm2_dir, label_files, config(labels={"ap": False}),
-                  "--labels-dir", str(tmp_path)) == 0
+    assert report(tmp_path, smollm2_dir, label_files, config(labels={"ap": False}), *options(lape)) == 0
     text = (tmp_path / "report.html").read_text()
     assert "AP: not run" in text and "units both selections chose" not in text
     rows = label_findings(pl.read_parquet(lape["label_perplexity"]), 0.95, 0.05)
@@ -301,20 +299,22 @@ def test_report_command_wants_whole_parts(label_files, smollm2_dir, tmp_path, ca
 
 # ------------------------------------------------------------------ the workflow's report job
 
-@pytest.mark.parametrize("case", ["corpus", "labels"])
+@pytest.mark.parametrize("case", ["corpus", "everything"])
 def test_report_job_reads_what_the_config_runs(case, tmp_path):
-    """A dry run lists the report job with the options of the parts the config runs."""
-    if case == "labels" and not (REPO / "rules" / "labels.smk").exists():
-        pytest.skip("the labels stage's rules are not in this checkout")
-    run_config = {"run": f"report-{case}", "relation_study": False, "corpus": {"path": "tests/data/corpus"},
-                  "labels": {"enabled": case == "labels"}}
+    """A dry run lists the report job with the options of the parts the config runs: those of the
+    corpus pass alone, or every input the report declares (neuronmap.report.inputs), each from
+    the rule that writes it (a name declared on one side only stops the workflow)."""
+    if case == "corpus":
+        run_config = {"run": "report-corpus", "relation_study": False, "corpus": {"path": "tests/data/corpus"},
+                      "labels": {"enabled": False}}
+        parts = {"model", "corpus"}
+    else:
+        run_config = {**yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text()), "run": "report-all"}
+        parts = {"model", "study", "corpus", "labels"}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(run_config))
     result = run_snakemake(path, "--dry-run", "--printshellcmds", "--forceall", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     command = next(line for line in result.stdout.splitlines() if "neuronmap report " in line)
-    options = set(re.findall(r" (--[a-z-]+)", command.split("}'", 1)[1]))
-    expected = {"--model-dir", "--contexts", "--corpus-units", "--out", "--figures-dir"}
-    if case == "labels":
-        expected |= {"--label-records", "--label-units", "--label-overlap", "--label-perplexity"}
-    assert options == expected
+    named = re.findall(r" (--[a-z-]+)", command.split("}'", 1)[1])
+    assert named == [*options({i.name: [] for i in INPUTS if i.part in parts}), "--out", "--figures-dir"]

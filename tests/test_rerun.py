@@ -11,15 +11,13 @@ import csv
 import io
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
 PACKAGE = Path("src") / "neuronmap"
 
@@ -33,11 +31,7 @@ class Workdir:
     def snakemake(self, *args: str, config: dict | None = None) -> str:
         path = self.root / "config.test.yaml"
         path.write_text(yaml.safe_dump(config or self.config))
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run(["snakemake", "--configfile", str(path), "--cores", "2",
-                                 "--workflow-profile", "profiles/local", *args],
-                                cwd=self.root, capture_output=True, text=True, env=env, timeout=300)
+        result = run_snakemake(path, *args, cwd=self.root, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
@@ -84,7 +78,7 @@ def workdir(e2e_run, e2e_config, tmp_path_factory) -> Workdir:
     root = tmp_path_factory.mktemp("rerun")
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(REPO / name, root / name)
-    for name in ("rules", "schemas", "envs", "profiles", "data"):
+    for name in ("rules", "envs", "profiles", "data"):
         shutil.copytree(REPO / name, root / name)
     shutil.copytree(REPO / PACKAGE, root / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     config = yaml.safe_load(e2e_config.read_text())
@@ -126,8 +120,10 @@ def test_changing_top_k_reruns_stats_onward_only(workdir, baseline):
     config = {**workdir.config, "top_k": [20, 100]}
     pending = workdir.pending(config)
     readers = params_changed(workdir, config)
-    # The plan sizes every job from the settings, top_k included; only the report reads it.
-    assert "stats" in readers and readers - {"plan"} <= rules_of(baseline, downstream(baseline, changed_rules={"stats"}))
+    # The plan sizes every job from the settings, top_k included; only the report reads it. The
+    # selection checks' map step keeps each labeling's max(top_k) best units.
+    assert "stats" in readers and readers - {"plan", "labeling_block"} <= rules_of(
+        baseline, downstream(baseline, changed_rules={"stats"}))
     assert pending == downstream(baseline, changed_rules=readers)
     assert rules_of(baseline, pending) >= {"stats", "overlap", "ablate", "report"}
     assert not rules_of(baseline, pending) & {"prepare_model", "prepare_prompts", "merge_prompts", "extract",
@@ -146,7 +142,7 @@ def test_adding_a_relation_extracts_only_that_relation(workdir, baseline):
     assert prepare == [{"relation": added}]
     assert "prepare_model" not in {job["rule"] for job in planned}
     # Expertise of every relation is recomputed: the new relation's prompts are negatives for
-    # the others (README, "Rerunning after a change").
+    # the others (docs/workflow.md, "Rerunning after a change").
     assert {job["wildcards"].get("relation") for job in planned if job["rule"] == "stats"} == {*names, added}
 
 
@@ -190,7 +186,7 @@ REAL_CHANGES = [
     ("ablate/commands.py",
      lambda text: text.replace("    s = args.settings\n", "    s = args.settings\n    assert s\n"),
      {"ablation_summary"}),
-    ("stats/expertise.py", lambda text: text + "\nCHANGED = 1\n", {"stats_block", "stats"}),
+    ("stats/expertise.py", lambda text: text + "\nCHANGED = 1\n", {"stats_block", "stats", "labeling_block"}),
     ("extract/engine.py", lambda text: text + "\nCHANGED = 1\n", {"extract"}),
     ("model/architectures.py", lambda text: text + "\nCHANGED = 1\n", MODEL_RUNNING | {"plan"}),
 ]
@@ -208,7 +204,7 @@ def test_a_real_change_reruns_its_commands_and_what_reads_them(workdir, baseline
 
 
 def test_changing_the_model_reruns_everything_that_uses_it(workdir, baseline):
-    from neuronmap.model.loading import builtin_gguf
+    from neuronmap.model.source import builtin_gguf
     gguf = builtin_gguf("smollm2-135m-instruct")  # the same weights, named another way
     config = {**workdir.config, "model": str(gguf)}
     pending = workdir.pending(config)
@@ -222,7 +218,7 @@ def test_changing_the_model_reruns_everything_that_uses_it(workdir, baseline):
 def test_touching_files_without_changing_them_reruns_nothing(workdir, baseline):
     """Every input made newer than every output that reads it: the checksums decide."""
     results = workdir.root / workdir.run
-    model_dir = results / "model"  # a directory: Snakemake has no checksum for it (README)
+    model_dir = results / "model"  # a directory: Snakemake has no checksum for it (docs/workflow.md)
     produced = sorted((p for p in results.rglob("*") if p.is_file() and model_dir not in p.parents),
                       key=lambda p: p.stat().st_mtime_ns)
     sources = [*(workdir.root / PACKAGE).rglob("*.*"), *(workdir.root / "data").rglob("*.json")]

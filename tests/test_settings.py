@@ -109,3 +109,13 @@ def test_no_default_in_the_code_disagrees_with_the_schema():
             if repr(value) != unambiguous[name]:
                 problems.append(f"{path.relative_to(REPO)}:{line}: {name}={value!r}, schema {unambiguous[name]}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_schema_ships_inside_the_package():
+    """The package finds its schema beside its own modules, so an installed package finds it as
+    a checkout does: it is package data, listed in pyproject.toml."""
+    import tomllib
+    package, path = (REPO / "src" / "neuronmap").resolve(), schema.SCHEMA_PATH.resolve()
+    assert path.is_file() and path.is_relative_to(package)
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["neuronmap"]
+    assert path.relative_to(package).as_posix() in listed

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from neuronmap.ablate.significance import benjamini_hochberg, bootstrap_interval, mcnemar_exact, paired_difference
+from neuronmap.maths.significance import benjamini_hochberg, bootstrap_interval, mcnemar_exact, paired_difference
 from neuronmap.ablate.sweep import paired_table, sweep_table
 
 

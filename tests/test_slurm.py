@@ -18,7 +18,11 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
+
+# Every test here reads the SLURM run, which compares itself with the local e2e run: in the e2e
+# run's xdist group (tests/conftest.py), which its fixture's getfixturevalue hides from the conftest.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 # The tiny run (23 SLURM jobs) took 6.5 minutes on a 2-core machine at load 2-3, where the local
 # run takes 4 (SLURM adds a Snakefile parse and a status poll to each job), and 7 to 9.5 minutes
@@ -95,20 +99,18 @@ def slurm_run(request, e2e_config, tmp_path_factory):
     run_dir = REPO / "results" / config["run"]
     shutil.rmtree(run_dir, ignore_errors=True)
     prefix = f"neuronmap-test-{os.getpid()}"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    command = [
-        "timeout", "-s", "KILL", str(RUN_TIMEOUT),
-        "snakemake", "--configfile", str(config_path), "--workflow-profile", "profiles/slurm",
-        # This cluster has no accounting database: no sacct answers, no accounts.
-        "--slurm-status-command", "squeue", "--slurm-no-account",
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--slurm-keep-successful-logs", "--slurm-logdir", str(run_dir / "slurm_logs"),
-        "--slurm-jobname-prefix", prefix,
-    ]
     try:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=RUN_TIMEOUT + 60)
+        result = run_snakemake(
+            config_path,
+            # This cluster has no accounting database: no sacct answers, no accounts.
+            "--slurm-status-command", "squeue", "--slurm-no-account",
+            "--slurm-init-seconds-before-status-checks", "2",
+            "--slurm-keep-successful-logs", "--slurm-logdir", run_dir / "slurm_logs",
+            "--slurm-jobname-prefix", prefix,
+            profile="profiles/slurm", cores=None, kill_after=RUN_TIMEOUT, timeout=RUN_TIMEOUT + 60,
+            # Snakemake with the status poll every 2 s, not 10 s later after each poll that found
+            # no job finished: the run's time is its jobs', not the waits (steady_poll_snakemake.py).
+            launcher=(sys.executable, str(REPO / "tests" / "steady_poll_snakemake.py")))
     finally:
         cancel_jobs_named(prefix)
     output = result.stdout + result.stderr

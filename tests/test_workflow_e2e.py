@@ -27,7 +27,8 @@ def run(e2e_run):
 def test_report_is_written_and_self_contained(run):
     # Static checks only; tests/test_report_browser.py opens it in Chromium.
     page = (run / "report.html").read_text()
-    for heading in ("Findings", "Recall per relation", "Ablated × evaluated", "Units shared", "Where the selected units sit",
+    for heading in ("Findings", "Recall per relation", "Per relation: its units against random units",
+                    "Ablated × evaluated", "Units shared", "Where the selected units sit", "Stability of the selections",
                     "Neuron atlas"):
         assert heading in page
     assert "<script src" not in page and "<link" not in page and "@import" not in page
@@ -168,6 +169,11 @@ def analysis_files(run):
     yield run / "evaluation" / "baseline.languages.parquet", tables.LANGUAGE_PREDICTIONS
     yield run / "significance.parquet", tables.SIGNIFICANCE
     yield run / "sweep.parquet", tables.SWEEP
+    yield run / "verdicts.parquet", tables.VERDICTS
+    yield run / "versatility.parquet", tables.VERSATILITY
+    yield run / "stability.parquet", tables.STABILITY
+    for block in (0, 1):
+        yield run / "labelings" / f"block-{block}.parquet", tables.LABELING_BLOCK
     yield run / "languages.parquet", tables.LANGUAGE_ABLATION
     yield run / "perplexity.parquet", tables.PERPLEXITY
     yield run / "shared_units.parquet", tables.SHARED_UNITS
@@ -318,7 +324,14 @@ def test_findings_state_the_numbers_of_the_parquet_files(run):
     languages = pl.read_parquet(run / "languages.parquet")
     french = languages.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
     assert f"excess drop {100 * excess_by_hand(french, 200):+.1f} points" in items[("cross-language transfer", "fr k=200")]
+    # Versatility: the overlap.parquet count, against versatility.parquet's null.
     overlap = pl.read_parquet(run / "overlap.parquet").filter(
         (pl.col("relation_a") < pl.col("relation_b")) & (pl.col("k") == 200))
-    units = pl.read_parquet(run / "expertise" / "verb_past_tense.parquet").height
-    assert f"share {overlap['shared'].sum()} units where {200 * 200 / units:.1f} are expected" in page
+    pooled = pl.read_parquet(run / "versatility.parquet").filter(
+        (pl.col("k") == 200) & pl.col("relation_a").is_null()).row(0, named=True)
+    assert pooled["shared"] == overlap["shared"].sum()
+    assert (f"together share {pooled['shared']} units, where the selection rerun on permuted relation labels "
+            f"shares {pooled['null_mean']:.1f}") in items[("versatility", "k=200")]
+    # Cumulativity's numbers are verdicts.parquet's pooled rows.
+    verdicts = pl.read_parquet(run / "verdicts.parquet").filter(pl.col("relation").is_null() & (pl.col("k") == 200))
+    assert f"excess drop {100 * verdicts['excess_drop'].item():+.1f} points" in items[("cumulativity", "k=200")]

@@ -18,14 +18,13 @@ import polars as pl
 import torch
 
 from ..errors import NeuronmapError
+from ..maths.draws import relation_rng
 from ..model.architectures import MlpSites
-from ..model.deactivation import Deactivation, deactivated
-from ..prepare.prompts import relation_rng
+from ..model.deactivation import Deactivation, UnitSet, deactivated, random_units
 from .evaluation import EvaluationSettings, generate, generate_sweep, is_correct
 
 log = logging.getLogger(__name__)
 
-UnitSet = dict[tuple[str, int], list[int]]
 DEACTIVATION_VALUES = ("zero", "mean", "clamp")
 RANDOM_EVALS = ("own", "all")
 
@@ -66,16 +65,6 @@ def top_units(selected: pl.DataFrame, k: int) -> UnitSet:
     for site, layer, unit in selected.filter(pl.col("rank") <= k).select("site", "layer", "unit").iter_rows():
         units[(site, layer)].append(unit)
     return dict(units)
-
-
-def random_units(top: UnitSet, widths: dict[str, int], rng: np.random.Generator) -> UnitSet:
-    """As many random units in each (site, layer) as the top-k set has there, none of them in it."""
-    units: UnitSet = {}
-    for (site, layer), chosen in sorted(top.items()):
-        candidates = np.setdiff1d(np.arange(widths[site]), chosen)
-        count = min(len(chosen), len(candidates))
-        units[(site, layer)] = sorted(rng.choice(candidates, count, replace=False).tolist())
-    return units
 
 
 def ablations_for(relation: str, selected: pl.DataFrame, top_k: Sequence[int], seeds: Sequence[int],

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 
-from .settings import AblationSettings, BaselineSettings, SignificanceSettings
+from .settings import AblationSettings, BaselineSettings, SignificanceSettings, VerdictSettings
 
 log = logging.getLogger("neuronmap")
 
-SETTINGS = {"baseline": BaselineSettings, "ablate": AblationSettings, "ablation-summary": SignificanceSettings}
+SETTINGS = {"baseline": BaselineSettings, "ablate": AblationSettings, "ablation-summary": SignificanceSettings,
+            "verdicts": VerdictSettings}
 
 
 def _evaluation_prompts(path: str, translated_path: str, source_language: str):
@@ -160,3 +161,28 @@ def args_ablation_summary(p) -> None:
     p.add_argument("--out-sweep", required=True)
     p.add_argument("--out-languages", required=True)
     p.add_argument("--out-perplexity", required=True)
+
+
+def cmd_verdicts(args) -> None:
+    """per relation and k: its top-k against the random controls on the same prompts"""
+    import polars as pl
+
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from .verdicts import verdict_table
+    settings = args.settings
+    significance = settings.significance
+    predictions = pl.concat([read_table(p) for p in args.predictions])
+    table = verdict_table(predictions, read_table(args.baseline), n_resamples=significance.bootstrap_resamples,
+                          confidence=significance.confidence, alpha=significance.alpha, power=settings.power,
+                          simulations=settings.power_simulations, seed=significance.seed)
+    write_table(table, args.out, tables.VERDICTS)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        log.info("verdicts:\n%s", table.select("relation", "k", "n", "top_accuracy", "random_accuracy", "excess_drop",
+                                               "ci_low", "ci_high", "q_value", "verdict", "detectable_drop"))
+
+
+def args_verdicts(p) -> None:
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--predictions", nargs="+", required=True, help="every relation's ablation predictions")
+    p.add_argument("--out", required=True)

@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from ..errors import NeuronmapError
 from ..io import tables
 from ..model.architectures import MlpSites
-from ..model.dispatch import input_device
+from ..model.batching import LOGIT_BUDGET
 from ..model.deactivation import Deactivation, RowDeactivation
-
-# Bytes of float32 logits one forward pass may hold: bounds memory whatever the config count.
-LOGIT_BUDGET = 512 * 2 ** 20
+from ..model.dispatch import input_device
 
 
 def read_text(path: str | Path, tokenizer, max_tokens: int) -> torch.Tensor:

@@ -44,3 +44,10 @@ class SignificanceSettings(Settings):
     confidence: float = setting("significance.confidence")
     alpha: float = setting("significance.alpha")
     seed: int = setting("significance.seed")
+
+
+@dataclass(frozen=True)
+class VerdictSettings(Settings):
+    significance: SignificanceSettings
+    power: float = setting("significance.power")
+    power_simulations: int = setting("significance.power_simulations")

@@ -12,7 +12,7 @@ import polars as pl
 
 from ..errors import NeuronmapError
 from ..io import tables
-from .significance import benjamini_hochberg, paired_difference
+from ..maths.significance import benjamini_hochberg, paired_difference
 
 CONFIG_KEY = ["ablated_relation", "k", "control", "seed"]
 

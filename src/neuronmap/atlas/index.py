@@ -140,7 +140,7 @@ def build_index(sources: AtlasSources) -> tuple[pl.DataFrame, dict]:
                                 if name not in index.columns])
     metadata = {"records": records, "relations": relations, "labels": labels}
     if sources.units is not None:
-        from ..corpus.histogram import bin_edges
+        from ..io.histogram import bin_edges
         lower, upper = bin_edges()
         # JSON has no infinity: the outermost bins' open ends are null.
         metadata["hist_lower"] = [None if abs(v) == float("inf") else float(v) for v in lower]

@@ -9,7 +9,6 @@ unit) never passes a range filter and sorts last, like a missing value.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +22,10 @@ from .index import KEY, read_metadata
 SEPARATOR = "\x1f"  # between a unit's tokens in the search columns; no token holds it
 LIST_COLUMNS = ("peak_tokens", "decoded_tokens")  # the card shows them; the table shows the first
 MAX_LIMIT = 1000
-UNIT_NAME = re.compile(r"^\s*(?P<site>[A-Za-z_]+)\s*(?:[/:,]\s*|\s+)L?(?P<layer>\d+)\s*(?:[/:,]\s*|\s+)#?"
-                       r"(?P<unit>\d+)\s*$")
 
 
 class QueryError(NeuronmapError):
     """A request the table cannot answer (HTTP 400)."""
-
-
-def parse_unit_name(text: str) -> tuple[str, int, int] | None:
-    """`act/12/345`, `act 12 345` or `act L12 #345` -> (site, layer, unit); None for anything else."""
-    match = UNIT_NAME.match(text)
-    if match is None:
-        return None
-    return match["site"].lower(), int(match["layer"]), int(match["unit"])
 
 
 def _search_columns(frame: pl.DataFrame) -> pl.DataFrame:

@@ -1,4 +1,5 @@
-"""Validating a run's config against schemas/config.schema.yaml, which also fills every default."""
+"""Validating a run's config against config.schema.yaml (beside this module, shipped as package
+data), which also fills every default."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import yaml
 
 from ..errors import NeuronmapError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schemas" / "config.schema.yaml"
+# Beside the module, so that an installed package finds it as a checkout does.
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from ..errors import NeuronmapError
 from ..io import tables
+from ..io.histogram import to_lists
 from ..io.parquet import atomic_path, write_row_groups
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import is_out_of_memory
 from ..model.dispatch import input_device, site_device
-from .histogram import to_lists
 from .reductions import SiteRecords, key_contexts, key_values
 from .settings import RecordsSettings
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 
 from ..errors import NeuronmapError
 from ..io import tables
+from ..io.histogram import QUANTILES, from_lists, quantiles, to_lists
 from ..io.parquet import open_parquet, read_row_group, write_row_groups
-from .histogram import QUANTILES, from_lists, quantiles, to_lists
 from .reductions import merge_moments
 
 KEYS = ["site", "layer", "unit"]

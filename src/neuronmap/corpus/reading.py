@@ -4,6 +4,10 @@
 in `text_column` (and its label, if any, in `label_column`). `.parquet`: the same columns.
 A document's shard is a stable hash of its label and text, so adding documents never moves
 existing ones to another shard.
+
+Nothing passes in silence: a label file with no document (its label would drop out of the
+comparison) and a `label_column` that cannot apply (a folder, whose labels are its file names;
+a .txt file, which has no columns; a file without that column) are errors naming the file.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ class Document:
         return int.from_bytes(digest, "little") < fraction * 2 ** 64
 
 
-def corpus_files(path: str | Path) -> list[tuple[Path, str | None]]:
-    """The corpus's files with their label (a folder's file stems) or None (labels from a column)."""
+def corpus_files(path: str | Path, label_column: str | None = None) -> list[tuple[Path, str | None]]:
+    """The corpus's files with their label (a folder's file stems) or None (labels from a column).
+
+    Cheap enough for every parse of the workflow: names and sizes, no contents."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -48,20 +54,40 @@ def corpus_files(path: str | Path) -> list[tuple[Path, str | None]]:
                                  f"(a corpus folder holds {', '.join(FORMATS)} files named by their label)")
         if not files:
             raise NeuronmapError(f"{path}: corpus folder is empty")
+        if label_column is not None:
+            raise NeuronmapError(f"corpus.label_column {label_column!r} cannot apply to the corpus folder {path}: its "
+                                 "files' names are the labels; unset corpus.label_column, or set corpus.path to one "
+                                 ".jsonl or .parquet file with that column")
+        for file in files:
+            if file.stat().st_size == 0:
+                raise _no_documents(file, "empty")
         return [(p, p.stem) for p in files]
     if not path.exists():
         raise NeuronmapError(f"{path}: corpus not found (corpus.path)")
     if path.suffix not in FORMATS:
         raise NeuronmapError(f"{path}: corpus file must be {', '.join(FORMATS)}")
+    if label_column is not None and path.suffix == ".txt":
+        raise NeuronmapError(f"corpus.label_column {label_column!r} cannot apply to {path}: a .txt file has no "
+                             "columns (label .txt files by their names in a corpus folder: de.txt, en.txt)")
+    if path.stat().st_size == 0:
+        raise NeuronmapError(f"{path}: corpus file is empty")
     return [(path, None)]
+
+
+def _no_documents(file: Path, why: str) -> NeuronmapError:
+    return NeuronmapError(f"{file}: {why}, so the label {file.stem!r} has no documents and would drop out of the "
+                          "labels compared: give it text, or remove the file")
 
 
 def read_documents(path: str | Path, text_column: str = "text", label_column: str | None = None) -> list[Document]:
     documents = []
-    for file, label in corpus_files(path):
+    for file, label in corpus_files(path, label_column):
+        found = len(documents)
         for index, (text, row_label) in enumerate(_read_file(file, text_column, label_column)):
             if text.strip():
                 documents.append(Document(f"{file.name}:{index}", label if label is not None else row_label, text))
+        if label is not None and len(documents) == found:
+            raise _no_documents(file, "no document in it holds text")
     if not documents:
         raise NeuronmapError(f"{path}: corpus holds no text")
     return documents
@@ -84,7 +110,7 @@ def _read_text(file: Path) -> str:
 
 
 def _read_jsonl(file: Path, text_column: str, label_column: str | None):
-    rows = []
+    rows, labelled = [], False
     for number, line in enumerate(_read_text(file).splitlines(), 1):
         if not line.strip():
             continue
@@ -95,6 +121,9 @@ def _read_jsonl(file: Path, text_column: str, label_column: str | None):
         if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
             raise NeuronmapError(f"{file}:{number}: no string field {text_column!r} (corpus.text_column)")
         rows.append((row[text_column], _label(row.get(label_column) if label_column else None, file, number)))
+        labelled = labelled or (label_column is not None and label_column in row)
+    if label_column is not None and rows and not labelled:
+        raise NeuronmapError(f"{file}: no line has the field {label_column!r} (corpus.label_column)")
     return rows
 
 
@@ -103,9 +132,10 @@ def _read_parquet(file: Path, text_column: str, label_column: str | None):
     import pyarrow.parquet as pq
     try:
         names = pq.read_schema(file).names
-        columns = [text_column] + ([label_column] if label_column and label_column in names else [])
-        if text_column not in names:
-            raise NeuronmapError(f"{file}: no column {text_column!r} (corpus.text_column; it has {', '.join(names)})")
+        columns = [text_column] + ([label_column] if label_column else [])
+        for column, key in ((text_column, "text_column"), (label_column, "label_column")):
+            if column is not None and column not in names:
+                raise NeuronmapError(f"{file}: no column {column!r} (corpus.{key}; it has {', '.join(names)})")
         table = pq.read_table(file, columns=columns)
     except (pa.ArrowException, OSError) as error:
         raise NeuronmapError(f"{file}: not a readable Parquet file: {error}") from None

@@ -27,7 +27,7 @@
 #define OCTAVES 20
 #define HALF (OCTAVES << SUB_BITS)
 #define BINS (2 * HALF + 1)
-/* The histogram bin of each lane (layout in histogram.py, kept in step with the macros above).
+/* The histogram bin of each lane (layout in io/histogram.py, kept in step with the macros above).
    Branch-free: signs are a coin toss, and a mispredicted branch costs more than the rest. */
 static inline vi bins_of(vf v) {
     const vi u = (vi)v;

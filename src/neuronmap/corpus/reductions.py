@@ -1,6 +1,6 @@
 """Running records of one (site, layer) over every token: moments to the fourth (Pebay's
 pairwise update, exact in exact arithmetic whatever the grouping), firing counts, the extremes,
-the histogram of histogram.py, and the contexts with the highest and lowest peaks.
+the histogram of io/histogram.py, and the contexts with the highest and lowest peaks.
 
 On the CPU the per-token work is one call of the compiled kernel (native.py) per batch, on
 torch's OpenMP threads; elsewhere (a GPU), or without a compiler, the same records come from
@@ -16,8 +16,8 @@ import ctypes
 import torch
 
 from ..errors import NeuronmapError
+from ..io.histogram import BINS, bins_of
 from . import native
-from .histogram import BINS, bins_of
 
 STATE = ("mean", "m2", "m3", "m4", "n_positive", "n_active", "minimum", "maximum", "hist",
          "top_keys", "top_positions", "top_roots", "bottom_keys", "bottom_positions", "bottom_roots")

@@ -19,6 +19,9 @@ PROMPTS = pa.schema([
     ("shard", pa.int32()),
 ])
 
+# A prompt_id is `<relation>/<fact index>/t<template>`: the prompts of one fact share the rest.
+FACT_OF_PROMPT = r"/t\d+$"
+
 
 def responses(value_type: pa.DataType, widths: dict[str, int], n_layers: int, poolings) -> pa.Schema:
     """prompt_id, n_tokens, then `<pooling>/<site>/<layer>` columns: each value is the
@@ -189,6 +192,73 @@ SWEEP = pa.schema([
     ("random_accuracy_max", pa.float64()),
     ("random_relative_drop_mean", pa.float64()),
     ("random_significant_seeds", pa.int64()),
+])
+
+# Per relation and k (and pooled: relation null), the top-k against the random controls on the
+# same test prompts (ablate/verdicts.py).
+VERDICTS = pa.schema([
+    ("relation", pa.string()),
+    ("k", pa.int64()),
+    ("n", pa.int64()),
+    ("facts", pa.int64()),
+    ("seeds", pa.int64()),
+    ("baseline_accuracy", pa.float64()),
+    ("top_accuracy", pa.float64()),
+    ("random_accuracy", pa.float64()),
+    ("random_accuracy_sd", pa.float64()),
+    ("excess_drop", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("se", pa.float64()),
+    ("p_value", pa.float64()),
+    ("q_value", pa.float64()),
+    ("verdict", pa.string()),
+    ("detectable_drop", pa.float64()),
+])
+
+# The selection checks' map step (stats/labelings.py): per labeling other than the relations'
+# own, its best units of one block of layers (every unit for a half).
+LABELING_BLOCK = pa.schema([
+    ("check", pa.string()),
+    ("draw", pa.int32()),
+    ("half", pa.int32()),
+    ("relation", pa.string()),
+    ("other", pa.string()),
+    ("site", pa.string()),
+    ("layer", pa.int32()),
+    ("unit", pa.int32()),
+    ("ap", pa.float64()),
+    ("separation", pa.float64()),
+])
+
+VERSATILITY = pa.schema([
+    ("reading", pa.string()),
+    ("k", pa.int64()),
+    ("relation_a", pa.string()),
+    ("relation_b", pa.string()),
+    ("shared", pa.int64()),
+    ("expected_independent", pa.float64()),
+    ("permutations", pa.int64()),
+    ("null_mean", pa.float64()),
+    ("null_sd", pa.float64()),
+    ("null_min", pa.int64()),
+    ("null_max", pa.int64()),
+    ("p_value", pa.float64()),
+    ("q_value", pa.float64()),
+    ("verdict", pa.string()),
+])
+
+STABILITY = pa.schema([
+    ("relation", pa.string()),
+    ("split", pa.int32()),
+    ("k", pa.int64()),
+    ("positives_a", pa.int64()),
+    ("positives_b", pa.int64()),
+    ("shared", pa.int64()),
+    ("expected_independent", pa.float64()),
+    ("fraction", pa.float64()),
+    ("p_value", pa.float64()),
+    ("ap_spearman", pa.float64()),
 ])
 
 PERPLEXITY = pa.schema([

@@ -1,6 +1,6 @@
 """The relation study's expertise on a labelled corpus: per label and unit, the Average
 Precision of the unit's mean response over a context at telling the label's contexts from all
-other contexts (stats/expertise.py's AP, on the responses the records jobs stored), ties broken
+other contexts (maths/expertise.py's AP, as the relation study's, on the responses the records jobs stored), ties broken
 by the same separation measure; and the top units per label."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from ..errors import NeuronmapError
 from ..io import tables
 from ..io.responses import ResponseReader
-from ..stats.expertise import RANK_ORDER, block_expertise
+from ..maths.expertise import RANK_ORDER, block_expertise
 
 
 def label_expertise(responses: Sequence[str | Path], contexts: pl.DataFrame, labels: list[str]) -> pl.DataFrame:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from ..ablate.significance import hypergeometric_tail
 from ..io import tables
+from ..maths.significance import hypergeometric_tail
 
 KEY = ["site", "layer", "unit"]
 

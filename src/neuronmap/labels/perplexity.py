@@ -31,19 +31,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..ablate.ablation import random_units
-from ..ablate.perplexity import LOGIT_BUDGET
-from ..ablate.significance import benjamini_hochberg, bootstrap_interval
 from ..errors import NeuronmapError
 from ..io import tables
+from ..maths.draws import relation_rng
+from ..maths.significance import benjamini_hochberg, bootstrap_interval
 from ..model.architectures import MlpSites
-from ..model.deactivation import Deactivation, RowDeactivation
+from ..model.batching import LOGIT_BUDGET
+from ..model.deactivation import Deactivation, RowDeactivation, UnitSet, random_units
 from ..model.dispatch import input_device
-from ..prepare.prompts import relation_rng
 
 log = logging.getLogger(__name__)
 
-UnitSet = dict[tuple[str, int], list[int]]
 CONFIG_KEY = ["method", "ablated_label", "control", "seed"]
 CELL = ["method", "ablated_label", "eval_label"]
 
@@ -87,7 +85,7 @@ def configurations(label_units: pl.DataFrame, methods: Sequence[str], labels: Se
                    seeds: Sequence[int], widths: Mapping[str, int]) -> list[Configuration]:
     """The baseline, then per method and ablated label its selection and one matched random
     control per seed: as many units in each (site, layer) as the selection has there, drawn
-    uniformly from that (site, layer)'s other units (ablate.ablation.random_units). A label's
+    uniformly from that (site, layer)'s other units (model.deactivation.random_units). A label's
     draws depend only on the seed, the method and the label."""
     plan = [BASELINE]
     for method in methods:

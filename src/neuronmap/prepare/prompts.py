@@ -12,23 +12,16 @@ ablation configuration forwards.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import polars as pl
 
 from ..errors import NeuronmapError
+from ..maths.draws import relation_rng
 from .relations import Fact, Relation
 from .settings import PromptSettings
 
-SPLITS = ("identification", "test")
 PRIVATE_SET = -1  # demo_set of a prompt whose fact is in every shared set: it gets its own
-
-
-def relation_rng(seed: int, relation: str, purpose: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the relation, so adding a relation
-    leaves every other relation's draws unchanged."""
-    return np.random.default_rng([seed, zlib.crc32(relation.encode()), zlib.crc32(purpose.encode())])
 
 
 def fact_prompt(template: str, fact: Fact) -> str:

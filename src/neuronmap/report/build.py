@@ -20,10 +20,11 @@ import polars as pl
 from .. import __version__
 from ..errors import NeuronmapError
 from ..io.parquet import read_table, write_text
+from ..maths.expertise import top_ties
 from ..model.loading import load_tokenizer, read_manifest
-from ..stats.expertise import top_ties
 from . import charts, data, labels
 from .findings import findings
+from .inputs import ReportFiles
 from .label_findings import label_findings
 from .atlas import build_atlas
 from .page import Page, note, table, write_figures
@@ -34,29 +35,9 @@ DEACTIVATED = {"zero": "set to 0", "mean": "set to their mean on negatives", "cl
 
 
 @dataclass(frozen=True)
-class ReportInputs:
-    prompts: Path
-    model_dir: Path
-    baseline: Path
-    units: list[Path]
-    expertise: list[Path]
-    overlap: Path
-    significance: Path
-    sweep: Path
-    neuron_stats: Path
-    top_activations: Path
-    decoded: Path
-    perplexity: Path
-    sparsity: Path
-    languages: Path
-    cost: Path
-    plan: Path
-
-
-@dataclass(frozen=True)
 class Run:
     """What several sections read, loaded once. `config` is the validated config (every key)."""
-    inputs: ReportInputs
+    inputs: ReportFiles
     config: dict
     manifest: dict
     prompts: pl.DataFrame
@@ -66,7 +47,7 @@ class Run:
     n_units: int
 
     @classmethod
-    def load(cls, inputs: ReportInputs, config: dict) -> Run:
+    def load(cls, inputs: ReportFiles, config: dict) -> Run:
         ties = []
         for path in inputs.expertise:
             expertise = read_table(path, ["site", "layer", "unit", "ap", "separation"])
@@ -79,29 +60,9 @@ class Run:
 
 
 @dataclass(frozen=True)
-class CorpusInputs:
-    """The corpus pass's and the labels stage's files; a run has either, both or neither."""
-    model_dir: Path
-    contexts: Path | None = None
-    corpus_units: Path | None = None
-    label_records: Path | None = None
-    label_units: Path | None = None
-    label_overlap: Path | None = None
-    label_perplexity: Path | None = None
-
-    @property
-    def has_corpus(self) -> bool:
-        return self.contexts is not None
-
-    @property
-    def has_labels(self) -> bool:
-        return self.label_units is not None
-
-
-@dataclass(frozen=True)
 class CorpusRun:
     """What the corpus and labels sections read, loaded once (the label records are read in their section)."""
-    inputs: CorpusInputs
+    inputs: ReportFiles
     config: dict
     manifest: dict
     contexts: pl.DataFrame | None
@@ -109,7 +70,7 @@ class CorpusRun:
     perplexity: pl.DataFrame | None
 
     @classmethod
-    def load(cls, inputs: CorpusInputs, config: dict) -> CorpusRun:
+    def load(cls, inputs: ReportFiles, config: dict) -> CorpusRun:
         def optional(path, columns=None):
             return read_table(path, columns) if path is not None else None
         return cls(inputs=inputs, config=config, manifest=read_manifest(inputs.model_dir),
@@ -168,20 +129,38 @@ def summary_section(page: Page, run: Run) -> None:
 
 def findings_section(page: Page, run: Run) -> None:
     significance = run.config["significance"]
-    rows, pairs = findings(read_table(run.inputs.significance), read_table(run.inputs.overlap),
-                           read_table(run.inputs.languages), run.n_units, significance["confidence"],
-                           significance["alpha"])
+    rows = findings(read_table(run.inputs.significance), read_table(run.inputs.verdicts),
+                    read_table(run.inputs.versatility), read_table(run.inputs.languages),
+                    significance["confidence"], significance["alpha"], significance["power"])
     page.section("findings", "Findings")
     page.add(note("Stated from this run's numbers. Excess drop: the random units' mean accuracy minus the top-k "
                   "units' accuracy on the relation's own test prompts (positive: the selected units matter more "
-                  "than random ones), pooled over relations, with a normal-approximation interval. A property "
-                  "the numbers cannot decide is undecided."))
+                  "than random ones). Cumulativity pools every relation's facts into the per-relation verdicts' "
+                  "test (the table below: an exact permutation test, a bootstrap interval over facts); "
+                  "versatility tests the overlap of the selections against the selection rerun on permuted "
+                  "relation labels. A property the numbers cannot decide is undecided."))
     page.add('<ul class="findings">' + "".join(
         f'<li data-property="{html.escape(p)}" data-scope="{html.escape(s)}"><b>{html.escape(p)}</b> '
         f'({html.escape(v)}): {html.escape(t)}</li>'
         for p, s, v, t in rows.select("property", "scope", "verdict", "statement").iter_rows()) + "</ul>")
-    page.add("<details><summary>the numbers</summary>", table(rows.drop("statement"), "findings", digits=4),
-             table(pairs, "units shared by each pair of relations against chance", digits=4), "</details>")
+    page.add("<details><summary>the numbers</summary>",
+             table(_readable_p(rows.drop("statement"), "p_value"), "findings", digits=4), "</details>")
+
+
+def verdicts_section(page: Page, run: Run) -> None:
+    significance = run.config["significance"]
+    page.section("verdicts", "Per relation: its units against random units")
+    page.add(note(
+        "For each relation and k: accuracy on its own test prompts with its top-k units off, against as many "
+        f"random units from the same layers and sites (mean and sd over seeds {run.config['random_seeds']}). "
+        "Excess drop: random minus top-k, paired by prompt and clustered by fact, with a "
+        f"{significance['confidence']:.0%} bootstrap interval over facts; p: exact permutation test in which any "
+        "of the top-k and random sets may be the top-k one, fact by fact; q: Benjamini-Hochberg over the "
+        f"relation × k table; the verdict holds or is reversed at q < {significance['alpha']}. Detectable drop: "
+        f"the smallest excess drop this relation's prompts would show at p < {significance['alpha']} with "
+        f"{significance['power']:.0%} probability (simulated; – : not even losing every answer would)."))
+    page.add(table(_readable_p(data.verdict_rows(read_table(run.inputs.verdicts)), "p_value", "q_value"),
+                   "the top-k units against random units, relation by relation", digits=3))
 
 
 def recall_section(page: Page, run: Run) -> None:
@@ -208,6 +187,19 @@ def drop_section(page: Page, run: Run) -> None:
 def overlap_section(page: Page, run: Run) -> None:
     page.section("overlap", "Units shared between relations")
     page.add(page.figure("overlap", charts.overlap_chart(read_table(run.inputs.overlap)), "overlap matrix per k"))
+    versatility = read_table(run.inputs.versatility)
+    permutations = versatility.filter(pl.col("reading") == "selection")["permutations"].max()
+    page.add(note(
+        "Each relation's AP counts the other relations' prompts among its negatives, so two selections are not "
+        "independent draws: the chance level is the overlap of the same pair when the selection is rerun on "
+        f"permuted relation labels ({permutations} permutations; mean and sd), not what two independent random "
+        "sets would share (shown for scale). Verdict at Benjamini-Hochberg q < "
+        f"{run.config['significance']['alpha']} over the pairs of each k."
+        + (" Rows <code>leave_pair_out</code>: each relation ranked without the other's prompts among its "
+           "negatives (the reference study's reading; a count, not a test)."
+           if (versatility["reading"] == "leave_pair_out").any() else "")))
+    page.add(table(_readable_p(data.versatility_rows(versatility), "p_value", "q_value"),
+                   "units shared by each pair of relations against chance", digits=1))
 
 
 def placement_section(page: Page, run: Run) -> None:
@@ -253,6 +245,21 @@ def expertise_section(page: Page, run: Run) -> None:
     page.add(table(data.expertise_summary(run.units, sorted(run.config["top_k"]))))
     page.add(table(run.ties.rename({"at_top_ap": "units at the top AP", "unresolved": "still tied after separation"}),
                    "ties at the top of each ranking", digits=4))
+
+
+def stability_section(page: Page, run: Run) -> None:
+    stability = read_table(run.inputs.stability)
+    page.section("stability", "Stability of the selections")
+    if stability.height == 0:
+        page.add(note("Not computed (<code>stability.splits: 0</code>)."))
+        return
+    page.add(note(
+        "Each relation's identification facts (and its negatives' facts) dealt at random into two halves, each "
+        "half selecting its own top-k as the selection does: the units both halves select (fraction of k), "
+        "against what two independent random sets would share (hypergeometric p-value), and Spearman's "
+        "correlation of every unit's AP in the two halves. Halves have half the prompts, so they understate "
+        "how well the full selection reproduces."))
+    page.add(table(_readable_p(data.stability_rows(stability), "p_value"), "split-half stability", digits=3))
 
 
 def corpus_summary_section(page: Page, corpus: CorpusRun) -> None:
@@ -391,25 +398,24 @@ def run_details_section(page: Page, run: Run) -> None:
              f"<pre>{html.escape(json.dumps(run.config, indent=2, sort_keys=True))}</pre></details>")
 
 
-def build_report(inputs: ReportInputs | None, config: dict, out: str | Path, figures_dir: str | Path,
-                 corpus: CorpusInputs | None = None) -> None:
-    """`config` is the run's validated config (every default filled in). `inputs`: the relation
-    study's files, None where it did not run; `corpus`: the corpus pass's and labels stage's."""
-    if inputs is None and (corpus is None or not (corpus.has_corpus or corpus.has_labels)):
+def build_report(files: ReportFiles, config: dict, out: str | Path, figures_dir: str | Path) -> None:
+    """`config` is the run's validated config (every default filled in); `files` the files of the
+    parts of the run that ran (inputs.report_files): the relation study, the corpus pass, the labels stage."""
+    if not (files.ran("study") or files.ran("corpus") or files.ran("labels")):
         raise NeuronmapError("report: nothing to report (neither the relation study's files nor the corpus's)")
-    run = Run.load(inputs, config) if inputs is not None else None
-    corpus_run = CorpusRun.load(corpus, config) if corpus is not None else None
+    run = Run.load(files, config) if files.ran("study") else None
+    corpus_run = CorpusRun.load(files, config) if files.ran("corpus") or files.ran("labels") else None
     page = Page(f"neuronmap: {config['run']}")
     if run is not None:
-        for section in (summary_section, findings_section, recall_section, drop_section, overlap_section,
-                        placement_section, sparsity_section, languages_section, side_effects_section,
-                        expertise_section):
+        for section in (summary_section, findings_section, recall_section, verdicts_section, drop_section,
+                        overlap_section, placement_section, sparsity_section, languages_section,
+                        side_effects_section, expertise_section, stability_section):
             section(page, run)
     else:
         corpus_summary_section(page, corpus_run)
-    if corpus_run is not None and corpus_run.inputs.has_corpus:
+    if files.ran("corpus"):
         corpus_section(page, corpus_run)
-    if corpus_run is not None and corpus_run.inputs.has_labels:
+    if files.ran("labels"):
         labels_section(page, corpus_run)
     atlas = atlas_section(page, run) if run is not None else None
     if run is None:  # a corpus-only report has no atlas section: the link goes after the corpus

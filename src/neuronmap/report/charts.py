@@ -19,6 +19,21 @@ def _data(frame: pl.DataFrame) -> alt.Data:
     return alt.Data(values=frame.to_dicts())
 
 
+def _signed_cells(base: alt.Chart, frame: pl.DataFrame, field: str, title: str, tooltip: list,
+                  text: str) -> alt.LayerChart:
+    """A matrix of cells coloured by a signed `field` on a red-blue scale centred on 0 (as far
+    either way as the largest magnitude), each cell with its `text`, white on the darkest."""
+    limit = float(frame[field].abs().max() or 1.0)
+    heat = base.mark_rect().encode(
+        color=alt.Color(f"{field}:Q", title=title,
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
+        tooltip=tooltip)
+    label = base.mark_text(fontSize=10).encode(
+        text=f"{text}:N", color=alt.condition(f"abs(datum.{field}) > {0.6 * limit}", alt.value("white"),
+                                              alt.value("black")))
+    return alt.layer(heat, label, data=_data(frame))
+
+
 def baseline_chart(baseline: pl.DataFrame) -> alt.Chart:
     return alt.Chart(_data(baseline)).mark_bar(color="#4c78a8").encode(
         x=alt.X("relation:N", title=None, sort=None, axis=alt.Axis(labelAngle=-30)),
@@ -58,24 +73,18 @@ def cumulativity_chart(curve: pl.DataFrame, columns: int = 4) -> alt.FacetChart:
 
 def drop_matrix_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart:
     """Relative drop, ablated (rows) × evaluated (columns), one matrix per k."""
-    limit = float(cells["relative_drop"].abs().max() or 1.0)
     base = alt.Chart().encode(
         x=alt.X("eval_relation:N", title="evaluated relation", axis=alt.Axis(labelAngle=-40)),
         y=alt.Y("ablated_relation:N", title="ablated relation"))
-    heat = base.mark_rect().encode(
-        color=alt.Color("relative_drop:Q", title="relative drop",
-                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
-        tooltip=[alt.Tooltip("ablated_relation:N", title="ablated"), alt.Tooltip("eval_relation:N", title="evaluated"),
-                 "k:Q", alt.Tooltip("relative_drop:Q", format=".3f"),
-                 alt.Tooltip("random_drop:Q", format=".3f", title="random control drop"),
-                 alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("baseline_accuracy:Q", format=".3f"),
-                 alt.Tooltip("n:Q", title="test prompts"), alt.Tooltip("p_value:Q", format=".3g"),
-                 alt.Tooltip("q_value:Q", format=".3g")])
-    text = base.mark_text(fontSize=10).encode(
-        text="label:N", color=alt.condition(f"abs(datum.relative_drop) > {0.6 * limit}", alt.value("white"),
-                                            alt.value("black")))
+    tooltip = [alt.Tooltip("ablated_relation:N", title="ablated"), alt.Tooltip("eval_relation:N", title="evaluated"),
+               "k:Q", alt.Tooltip("relative_drop:Q", format=".3f"),
+               alt.Tooltip("random_drop:Q", format=".3f", title="random control drop"),
+               alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("baseline_accuracy:Q", format=".3f"),
+               alt.Tooltip("n:Q", title="test prompts"), alt.Tooltip("p_value:Q", format=".3g"),
+               alt.Tooltip("q_value:Q", format=".3g")]
     side = 38 * cells["eval_relation"].n_unique()
-    return alt.layer(heat, text, data=_data(cells)).properties(width=side, height=side).facet(
+    return _signed_cells(base, cells, "relative_drop", "relative drop", tooltip, "label").properties(
+        width=side, height=side).facet(
         column=alt.Column("k:O", title="units switched off (k)"),
     ).properties(title=alt.TitleParams("Relative drop: (baseline − ablated) / baseline; blue: recall rose",
                                        subtitle=subtitle))
@@ -83,19 +92,12 @@ def drop_matrix_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart:
 
 def language_chart(cells: pl.DataFrame) -> alt.FacetChart:
     """Relative drop of each relation's recall per language with its own units off."""
-    limit = float(cells["relative_drop"].abs().max() or 1.0)
     base = alt.Chart().encode(x=alt.X("language:N", title="language", axis=alt.Axis(labelAngle=0)),
                               y=alt.Y("relation:N", title=None))
-    heat = base.mark_rect().encode(
-        color=alt.Color("relative_drop:Q", title="relative drop",
-                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
-        tooltip=["relation:N", "language:N", "k:Q", alt.Tooltip("relative_drop:Q", format=".3f"),
-                 alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("baseline_accuracy:Q", format=".3f"),
-                 alt.Tooltip("n:Q", title="test prompts")])
-    text = base.mark_text(fontSize=10).encode(
-        text="label:N", color=alt.condition(f"abs(datum.relative_drop) > {0.6 * limit}", alt.value("white"),
-                                            alt.value("black")))
-    return alt.layer(heat, text, data=_data(cells)).properties(
+    tooltip = ["relation:N", "language:N", "k:Q", alt.Tooltip("relative_drop:Q", format=".3f"),
+               alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("baseline_accuracy:Q", format=".3f"),
+               alt.Tooltip("n:Q", title="test prompts")]
+    return _signed_cells(base, cells, "relative_drop", "relative drop", tooltip, "label").properties(
         width=40 * cells["language"].n_unique(), height=24 * cells["relation"].n_unique()).facet(
         column=alt.Column("k:O", title="units switched off (k)"),
     ).properties(title="Recall across languages with a relation's own units off (* significant)")
@@ -178,25 +180,19 @@ def label_perplexity_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart
     """Excess NLL of the selection over matched random units, ablated label (rows) × evaluated
     label (columns), one matrix per method; each cell reads selected ratio / random ratio."""
     data = cells.with_columns(pl.col("method").replace({"lape": "LAPE", "ap": "AP"}))
-    limit = float(data["excess"].abs().max() or 1.0)
     base = alt.Chart().encode(
         x=alt.X("eval_label:N", title="evaluated label (held-out text)", axis=alt.Axis(labelAngle=-40)),
         y=alt.Y("ablated_label:N", title="label whose units are off"))
-    heat = base.mark_rect().encode(
-        color=alt.Color("excess:Q", title="excess (nats/token)",
-                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0)),
-        tooltip=["method:N", alt.Tooltip("ablated_label:N", title="off"),
-                 alt.Tooltip("eval_label:N", title="evaluated"),
-                 alt.Tooltip("units:Q", title="units off"), alt.Tooltip("selected_ratio:Q", format=".4f"),
-                 alt.Tooltip("random_ratio:Q", format=".4f"), alt.Tooltip("excess:Q", format=".4f"),
-                 alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f"),
-                 alt.Tooltip("excess_per_unit:Q", format=".3g"), alt.Tooltip("contexts:Q"),
-                 alt.Tooltip("q_value:Q", format=".3g")])
-    text = base.mark_text(fontSize=10).encode(
-        text="text:N", color=alt.condition(f"abs(datum.excess) > {0.6 * limit}", alt.value("white"),
-                                           alt.value("black")))
+    tooltip = ["method:N", alt.Tooltip("ablated_label:N", title="off"),
+               alt.Tooltip("eval_label:N", title="evaluated"),
+               alt.Tooltip("units:Q", title="units off"), alt.Tooltip("selected_ratio:Q", format=".4f"),
+               alt.Tooltip("random_ratio:Q", format=".4f"), alt.Tooltip("excess:Q", format=".4f"),
+               alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f"),
+               alt.Tooltip("excess_per_unit:Q", format=".3g"), alt.Tooltip("contexts:Q"),
+               alt.Tooltip("q_value:Q", format=".3g")]
     side = 80 * data["eval_label"].n_unique()
-    return alt.layer(heat, text, data=_data(data)).properties(width=side, height=side * 0.5).facet(
+    return _signed_cells(base, data, "excess", "excess (nats/token)", tooltip, "text").properties(
+        width=side, height=side * 0.5).facet(
         column=alt.Column("method:N", title=None, sort=["LAPE", "AP"]),
     ).properties(title=alt.TitleParams(
         "Perplexity with a label's units off: selected ×ratio / random ×ratio; red: the selection hurts more",

@@ -182,3 +182,40 @@ def plan_against_cost(plan: dict, cost: pl.DataFrame) -> pl.DataFrame:
                      "planned tokens": job["forward_tokens"], "measured tokens": seen.get("tokens"),
                      f"planned s at {plan['tflops']:g} TFLOP/s": job["seconds"], "measured s": seen.get("seconds")})
     return pl.DataFrame(rows, infer_schema_length=None)
+
+
+POOLED = "all relations"
+ALL_PAIRS = "all pairs"
+
+
+def verdict_rows(verdicts: pl.DataFrame) -> pl.DataFrame:
+    """verdicts.parquet as the report shows it, numbers unchanged: per relation and k, then the
+    pooled rows."""
+    return verdicts.sort(pl.col("relation").is_null(), "relation", "k").select(
+        pl.col("relation").fill_null(POOLED), "k", pl.col("n").alias("test prompts"),
+        pl.col("baseline_accuracy").alias("baseline"), pl.col("top_accuracy").alias("top-k"),
+        pl.col("random_accuracy").alias("random"), pl.col("random_accuracy_sd").alias("random sd"),
+        pl.col("excess_drop").alias("excess drop"), pl.col("ci_low").alias("interval low"),
+        pl.col("ci_high").alias("interval high"), "p_value", "q_value", "verdict",
+        pl.col("detectable_drop").alias("detectable drop"))
+
+
+def versatility_rows(versatility: pl.DataFrame) -> pl.DataFrame:
+    """versatility.parquet as the report shows it, numbers unchanged."""
+    pair = pl.when(pl.col("relation_a").is_null()).then(pl.lit(ALL_PAIRS)) \
+        .otherwise(pl.format("{} & {}", "relation_a", "relation_b"))
+    return versatility.sort("reading", "k", pl.col("relation_a").is_null(), "relation_a", "relation_b").select(
+        "reading", "k", pair.alias("pair"), "shared", pl.col("null_mean").alias("permuted labels: mean"),
+        pl.col("null_sd").alias("sd"), pl.col("expected_independent").alias("independent sets"),
+        "p_value", "q_value", "verdict")
+
+
+def stability_rows(stability: pl.DataFrame) -> pl.DataFrame:
+    """stability.parquet per relation and k, over its splits (one split: its numbers unchanged)."""
+    half = (pl.col("positives_a") + pl.col("positives_b")) / 2
+    return stability.group_by("relation", "k").agg(
+        pl.len().alias("splits"), half.mean().alias("prompts per half"), pl.col("shared").mean().alias("shared"),
+        pl.col("fraction").mean().alias("fraction shared"), pl.col("fraction").min().alias("lowest fraction"),
+        pl.col("expected_independent").first().alias("independent sets"), pl.col("p_value").max().alias("p_value"),
+        pl.col("ap_spearman").mean().alias("AP Spearman"),
+    ).sort("relation", "k")

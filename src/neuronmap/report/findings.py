@@ -3,11 +3,16 @@
 languages. Each finding is a row (estimate, interval or p-value, verdict) and a sentence built
 from that row; a property the data cannot decide is said to be undecided.
 
-Intervals of "top-k against random-k" are normal approximations: a cell's excess drop is the
-random controls' mean accuracy minus the top-k accuracy on the same test prompts, its variance
-the binomial variance of each accuracy plus the spread of the random seeds; cells are pooled
-over relations weighted by their prompts. Treating the two accuracies as independent ignores
-that they are measured on the same prompts, which makes the intervals wider, not narrower.
+Cumulativity is read from verdicts.parquet: its pooled rows (every relation's facts in one exact
+permutation test, a bootstrap interval over facts) and its per-relation verdicts, the same numbers
+as the report's per-relation table. Versatility is read from versatility.parquet (the overlap
+against the selection rerun on permuted labels). Interference reads significance.parquet.
+
+Cross-language transfer keeps normal-approximation intervals: a cell's excess drop is the random
+controls' mean accuracy minus the top-k accuracy on the same test prompts, its variance the
+binomial variance of each accuracy plus the spread of the random seeds; cells are pooled over
+relations weighted by their prompts. Treating the two accuracies as independent ignores that they
+are measured on the same prompts, which makes the intervals wider, not narrower.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-import numpy as np
 import polars as pl
 
-from ..ablate.significance import benjamini_hochberg, hypergeometric_tail
-
+# versatility.parquet's verdicts (stats/versatility.py; the report reads them, it does not import the stage).
+VERSATILITY_VERDICTS = ("shared more than chance", "no different", "disjoint more than chance")
 FINDINGS_SCHEMA = {"property": pl.String, "scope": pl.String, "estimate": pl.Float64, "ci_low": pl.Float64,
                    "ci_high": pl.Float64, "p_value": pl.Float64, "verdict": pl.String, "statement": pl.String}
 
@@ -55,25 +59,35 @@ def _verdict(low: float, high: float) -> str:
     return "holds" if low > 0 else "reversed" if high < 0 else "undecided"
 
 
-def cumulativity(significance: pl.DataFrame, confidence: float) -> list[dict]:
+def cumulativity(verdicts: pl.DataFrame, confidence: float, alpha: float, power: float) -> list[dict]:
+    """Per k, the pooled rows of verdicts.parquet and how many relations' own verdicts hold; then
+    whether the pooled excess grows from the smallest k to the largest."""
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    own = significance.filter(pl.col("ablated_relation") == pl.col("eval_relation"))
-    pooled = excess_drop(own, ["k"])
+    pooled = verdicts.filter(pl.col("relation").is_null()).sort("k")
+    per_relation = verdicts.filter(pl.col("relation").is_not_null())
     rows = []
-    for k, relations, prompts, estimate, se in pooled.select("k", "relations", "prompts", "estimate", "se").iter_rows():
-        low, high = _interval(estimate, se, z)
-        verdict = _verdict(low, high)
+    for row in pooled.iter_rows(named=True):
+        k, estimate, low, high = row["k"], row["excess_drop"], row["ci_low"], row["ci_high"]
+        mine = per_relation.filter(pl.col("k") == k)
         says = {"holds": "recall drops more with a relation's own top-k units off than with as many random units",
                 "reversed": "recall drops less with a relation's own top-k units off than with random units",
-                "undecided": "the data cannot tell the top-k units' drop from the random units'"}[verdict]
+                "undecided": "the data cannot tell the top-k units' drop from the random units'"}[row["verdict"]]
+        count = {v: int((mine["verdict"] == v).sum()) for v in ("holds", "reversed", "undecided")}
+        detectable = mine["detectable_drop"].drop_nans().drop_nulls()
+        reach = (f"; the smallest drop a relation's test prompts could show at {power:.0%} power runs from "
+                 f"{100 * detectable.min():.0f} to {100 * detectable.max():.0f} points" if detectable.len() else "")
         rows.append({"property": "cumulativity", "scope": f"k={k}", "estimate": estimate, "ci_low": low,
-                     "ci_high": high, "p_value": None, "verdict": verdict,
+                     "ci_high": high, "p_value": row["p_value"], "verdict": row["verdict"],
                      "statement": f"At k = {k}, {says}: excess drop {_points(estimate)} "
-                                  f"({confidence:.0%} interval {_points(low)} to {_points(high)}; "
-                                  f"{relations} relation{'s' if relations != 1 else ''}, {prompts} test prompts)."})
+                                  f"({confidence:.0%} interval {_points(low)} to {_points(high)}; exact permutation "
+                                  f"p = {row['p_value']:.3g}; {mine.height} relation{'s' if mine.height != 1 else ''}, "
+                                  f"{row['n']} test prompts). Relation by relation (Benjamini-Hochberg q < {alpha}): "
+                                  f"{count['holds']} hold, {count['reversed']} reversed, {count['undecided']} "
+                                  f"undecided{reach}."})
     if pooled.height >= 2:
         first, last = pooled.row(0, named=True), pooled.row(pooled.height - 1, named=True)
-        growth = last["estimate"] - first["estimate"]
+        growth = last["excess_drop"] - first["excess_drop"]
+        # The two k share their prompts (positively correlated): the sum of variances is wider than the truth.
         low, high = _interval(growth, math.hypot(first["se"], last["se"]), z)
         verdict = {"holds": "grows", "reversed": "shrinks", "undecided": "undecided"}[_verdict(low, high)]
         says = {"grows": "grows", "shrinks": "shrinks",
@@ -85,36 +99,31 @@ def cumulativity(significance: pl.DataFrame, confidence: float) -> list[dict]:
     return rows
 
 
-def versatility(overlap: pl.DataFrame, population: int, alpha: float) -> tuple[list[dict], pl.DataFrame]:
-    """Units shared by each pair of relations against the number two random sets of k units
-    would share (k^2 / units), with a hypergeometric p-value, Benjamini-Hochberg within each k."""
-    pairs = overlap.filter(pl.col("relation_a") < pl.col("relation_b")).with_columns(
-        expected=pl.col("k").cast(pl.Float64) ** 2 / population)
-    pairs = pairs.with_columns(p_value=pl.Series([hypergeometric_tail(s, population, k, k) for s, k in
-                                                  pairs.select("shared", "k").iter_rows()], dtype=pl.Float64))
-    q = np.full(pairs.height, np.nan)
-    for k in pairs["k"].unique().to_list():
-        index = np.flatnonzero((pairs["k"] == k).to_numpy())
-        q[index] = benjamini_hochberg(pairs["p_value"].to_numpy()[index])
-    pairs = pairs.with_columns(q_value=pl.Series(q)).sort("k", "relation_a", "relation_b")
+def versatility(table: pl.DataFrame, alpha: float) -> list[dict]:
+    """Per k, versatility.parquet's all-pairs test and how many pairs share more or fewer units
+    than the selection rerun on permuted labels."""
+    selection = table.filter(pl.col("reading") == "selection")
     rows = []
-    for k, group in pairs.group_by("k", maintain_order=True):
-        k = k[0]
-        above = group.filter((pl.col("q_value") < alpha) & (pl.col("shared") > pl.col("expected")))
-        shared, expected = int(group["shared"].sum()), float(group["expected"].sum())
-        verdict = "holds" if above.height else "not detected"
-        named = "; ".join(f"{a} & {b}: {s} shared vs {e:.1f} expected"
-                          for a, b, s, e in above.select("relation_a", "relation_b", "shared", "expected")
-                          .head(5).iter_rows())
-        statement = (f"At k = {k}, {above.height} of {group.height} pairs of relations share more units than "
-                     f"chance (hypergeometric test, Benjamini-Hochberg q < {alpha}); all pairs together share "
-                     f"{shared} units where {expected:.1f} are expected by chance.")
+    for (k,), group in selection.sort("k").group_by("k", maintain_order=True):
+        pooled = group.filter(pl.col("relation_a").is_null()).row(0, named=True)
+        pairs = group.filter(pl.col("relation_a").is_not_null())
+        count = {v: int((pairs["verdict"] == v).sum()) for v in VERSATILITY_VERDICTS}
+        named = "; ".join(f"{a} & {b}: {s} shared vs {m:.1f} by chance" for a, b, s, m in pairs.filter(
+            pl.col("verdict") == "shared more than chance").select("relation_a", "relation_b", "shared", "null_mean")
+            .head(5).iter_rows())
+        statement = (f"At k = {k}, all pairs of relations together share {pooled['shared']} units, where the "
+                     f"selection rerun on permuted relation labels shares {pooled['null_mean']:.1f} (sd "
+                     f"{pooled['null_sd']:.1f} over {pooled['permutations']} permutations; two independent random "
+                     f"sets would share {pooled['expected_independent']:.1f}): {pooled['verdict']} "
+                     f"(p = {pooled['p_value']:.3g}). Pair by pair (Benjamini-Hochberg q < {alpha}): "
+                     f"{count['shared more than chance']} share more than chance, {count['disjoint more than chance']} "
+                     f"fewer, {count['no different']} no different of {pairs.height}.")
         if named:
-            statement += f" Most shared: {named}."
-        rows.append({"property": "versatility", "scope": f"k={k}", "estimate": float(above.height),
-                     "ci_low": None, "ci_high": None, "p_value": float(group["p_value"].min()),
-                     "verdict": verdict, "statement": statement})
-    return rows, pairs
+            statement += f" More than chance: {named}."
+        rows.append({"property": "versatility", "scope": f"k={k}", "estimate": float(pooled["shared"]),
+                     "ci_low": None, "ci_high": None, "p_value": pooled["p_value"], "verdict": pooled["verdict"],
+                     "statement": statement})
+    return rows
 
 
 def interference(significance: pl.DataFrame, alpha: float) -> list[dict]:
@@ -158,10 +167,9 @@ def transfer(languages: pl.DataFrame, confidence: float) -> list[dict]:
     return rows
 
 
-def findings(significance: pl.DataFrame, overlap: pl.DataFrame, languages: pl.DataFrame, units: int,
-             confidence: float, alpha: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every finding as a row, and the versatility test of every pair of relations."""
-    versatile, pairs = versatility(overlap, units, alpha)
-    rows = cumulativity(significance, confidence) + versatile + interference(significance, alpha) \
-        + transfer(languages, confidence)
-    return pl.DataFrame(rows, schema=FINDINGS_SCHEMA), pairs
+def findings(significance: pl.DataFrame, verdicts: pl.DataFrame, versatility_table: pl.DataFrame,
+             languages: pl.DataFrame, confidence: float, alpha: float, power: float) -> pl.DataFrame:
+    """Every finding as a row."""
+    rows = cumulativity(verdicts, confidence, alpha, power) + versatility(versatility_table, alpha) \
+        + interference(significance, alpha) + transfer(languages, confidence)
+    return pl.DataFrame(rows, schema=FINDINGS_SCHEMA)

@@ -10,21 +10,29 @@ from .settings import (
     BlockSettings,
     ChoiceSettings,
     DecodeSettings,
+    LabelingBlockSettings,
     OverlapSettings,
     SelectionSettings,
     SparsitySettings,
+    StabilitySettings,
+    VersatilitySettings,
 )
 
 log = logging.getLogger("neuronmap")
 
 SETTINGS = {"stats-block": BlockSettings, "stats": SelectionSettings, "overlap": OverlapSettings,
-            "shared-units": OverlapSettings, "decode": DecodeSettings, "sparsity": SparsitySettings}
+            "shared-units": OverlapSettings, "decode": DecodeSettings, "sparsity": SparsitySettings,
+            "labeling-block": LabelingBlockSettings, "versatility": VersatilitySettings,
+            "stability": StabilitySettings}
 
 
 def _chosen_prompts(path: str, relations, choice: ChoiceSettings) -> dict:
     from ..io.parquet import read_table
+    return _chosen_from(read_table(path), relations, choice)
+
+
+def _chosen_from(prompts, relations, choice: ChoiceSettings) -> dict:
     from .expertise import choose_prompts
-    prompts = read_table(path)
     return {relation: choose_prompts(prompts, relation, choice.negatives_per_positive, choice.seed)
             for relation in relations}
 
@@ -54,7 +62,8 @@ def cmd_stats(args) -> None:
 
     from ..io import tables
     from ..io.parquet import read_table, write_table
-    from .expertise import rank_units, selected_units, top_ties
+    from ..maths.expertise import top_ties
+    from .expertise import rank_units, selected_units
     settings = args.settings
     chosen = _chosen_prompts(args.prompts, [args.relation], settings.choice)[args.relation]
     scores = pl.concat([read_table(path).filter(pl.col("relation") == args.relation) for path in args.blocks])
@@ -160,3 +169,97 @@ def args_sparsity(p) -> None:
     p.add_argument("--neuron-stats", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--out-dead", required=True)
+
+
+def _labeling_groups(prompts, settings: LabelingBlockSettings) -> list:
+    """Every labeling the checks score: the permutations, the rounds of pairs, the splits."""
+    from .stability import half_labelings
+    from .versatility import pair_labelings, permutation_labelings
+    block, choice = settings.block, settings.block.choice
+    chosen = _chosen_from(prompts, block.relations, choice)
+    groups = permutation_labelings(prompts, block.relations, choice.negatives_per_positive, choice.seed,
+                                   settings.permutations)
+    if settings.leave_pair_out:
+        groups += pair_labelings(chosen, prompts)
+    return groups + half_labelings(prompts, chosen, choice.seed, settings.splits)
+
+
+def cmd_labeling_block(args) -> None:
+    """one block of layers' units scored for permuted labels, pairs and halves (the checks' map)"""
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from ..io.responses import ResponseReader
+    from .labelings import score_block
+    settings = args.settings
+    groups = _labeling_groups(read_table(args.prompts), settings)
+    table = score_block(ResponseReader(args.responses), groups, settings.block.pooling, args.block,
+                        settings.block.blocks, max(settings.top_k))
+    write_table(table, args.out, tables.LABELING_BLOCK)
+    log.info("block %d: %d labelings in %d groups (one sort per unit for all)", args.block,
+             sum(len(group) for group in groups), len(groups))
+
+
+def args_labeling_block(p) -> None:
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--responses", nargs="+", required=True)
+    p.add_argument("--block", type=int, required=True)
+    p.add_argument("--out", required=True)
+
+
+def _ranked_labelings(paths, check: str, by: list[str]):
+    import polars as pl
+
+    from ..io.parquet import read_table
+    from .labelings import ranked
+    return ranked(pl.concat([read_table(path).filter(pl.col("check") == check) for path in paths]), by)
+
+
+def cmd_versatility(args) -> None:
+    """each pair of relations' shared units against the selection rerun on permuted labels"""
+    import polars as pl
+
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from .versatility import versatility_table
+    null = _ranked_labelings(args.blocks, "permutation", ["draw", "relation"])
+    pairs = _ranked_labelings(args.blocks, "leave_pair_out", ["relation", "other"])
+    population = read_table(args.expertise, ["unit"]).height
+    table = versatility_table(_selected(args.units), null, pairs if pairs.height else None, args.settings.top_k,
+                              population, args.settings.alpha)
+    write_table(table, args.out, tables.VERSATILITY)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        log.info("versatility:\n%s", table.filter(pl.col("reading") == "selection").select(
+            "k", "relation_a", "relation_b", "shared", "expected_independent", "null_mean", "null_sd", "q_value",
+            "verdict"))
+
+
+def args_versatility(p) -> None:
+    p.add_argument("--units", nargs="+", required=True, help="every relation's selected units")
+    p.add_argument("--blocks", nargs="+", required=True, help="the labeling-block outputs")
+    p.add_argument("--expertise", required=True, help="one relation's expertise (every unit: the population)")
+    p.add_argument("--out", required=True)
+
+
+def cmd_stability(args) -> None:
+    """split-half stability of each relation's selection"""
+    import polars as pl
+
+    from ..io import tables
+    from ..io.parquet import read_table, write_table
+    from .stability import half_labelings, stability_table
+    settings = args.settings
+    prompts = read_table(args.prompts)
+    groups = half_labelings(prompts, _chosen_from(prompts, settings.relations, settings.choice), settings.choice.seed,
+                            settings.splits)
+    positives = {(lab.relation, lab.draw, lab.half): len(lab.positives) for group in groups for lab in group}
+    table = stability_table(_ranked_labelings(args.blocks, "half", ["draw", "half", "relation"]), positives,
+                            settings.top_k)
+    write_table(table, args.out, tables.STABILITY)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        log.info("split-half stability:\n%s", table)
+
+
+def args_stability(p) -> None:
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--blocks", nargs="+", required=True, help="the labeling-block outputs")
+    p.add_argument("--out", required=True)

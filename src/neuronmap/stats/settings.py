@@ -46,3 +46,27 @@ class DecodeSettings(Settings):
 @dataclass(frozen=True)
 class SparsitySettings(Settings):
     rare_rate: float = setting("sparsity.rare_rate")
+
+
+@dataclass(frozen=True)
+class LabelingBlockSettings(Settings):
+    """The selection checks' map step: permuted labels, pairs, halves (stats/labelings.py)."""
+    block: BlockSettings
+    top_k: tuple[int, ...]
+    permutations: int = setting("versatility.permutations")
+    leave_pair_out: bool = setting("versatility.leave_pair_out")
+    splits: int = setting("stability.splits")
+
+
+@dataclass(frozen=True)
+class VersatilitySettings(Settings):
+    top_k: tuple[int, ...]
+    alpha: float = setting("significance.alpha")
+
+
+@dataclass(frozen=True)
+class StabilitySettings(Settings):
+    choice: ChoiceSettings
+    relations: tuple[str, ...] = setting("relations.names")
+    top_k: tuple[int, ...]
+    splits: int = setting("stability.splits")

@@ -1,15 +1,20 @@
-"""What the workflow asks the package while it is parsed (rules/common.smk): the validated config,
-each command's settings and code fingerprint, and the files a rule reads."""
+"""The workflow façade: what the workflow asks the package while it is parsed (rules/common.smk):
+the validated config, the checks across keys and files (checks.py), each command's settings and
+code fingerprint (fingerprint.py), and the files a rule reads.
+
+It sits on the top floor, beside the command line: it may import any stage, and nothing below
+imports it (tests/test_layers.py)."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from .. import cli
+from ..config.schema import validated
 from .checks import check_config
 from .fingerprint import code_fingerprint
-from .schema import validated
 
 __all__ = ["validated", "check_config", "settings_json", "code_fingerprint", "relation_file", "translation_files",
            "shell_prefix", "gpus_per_job", "gpus_here", "corpus_files", "labels_active"]
@@ -58,7 +63,6 @@ def shell_prefix() -> str:
 def gpus_per_job(config: dict, prepared: str | None = None) -> int:
     """GPUs a model-running job asks for (resources gpu=N): gpus_per_job, or (auto) 1 with
     device_map single, the GPUs max_memory names, or as many as the plan needs."""
-    from ..plan.estimate import parse_time_plan
     if config["gpus_per_job"] != "auto":
         return int(config["gpus_per_job"])
     if config["device_map"] == "single":
@@ -66,6 +70,8 @@ def gpus_per_job(config: dict, prepared: str | None = None) -> int:
     named = [key for key in config["max_memory"] if key != "cpu"]
     if named:
         return len(named)
+    # Only here: the plan imports torch (a second of every parse, and every SLURM job parses).
+    from ..plan.estimate import parse_time_plan
     plan = parse_time_plan(config, prepared)
     return plan["gpus_per_job"] if plan and plan["device"] == "cuda" else 1
 
@@ -80,9 +86,17 @@ def gpus_here(config: dict, gpus: int) -> int:
     return gpus
 
 
+# Device nodes of the drivers through which torch finds a GPU on Linux: NVIDIA's, AMD's (ROCm)
+# and WSL's. Without any of them, torch.cuda.is_available() is False.
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def runs_on_cpu(device: str) -> bool:
     """Whether `device` resolves to the CPU on this machine."""
     if device != "auto":
         return device == "cpu"
+    if "torch" not in sys.modules and sys.platform == "linux" and \
+            not any(Path(node).exists() for node in GPU_DRIVER_NODES):
+        return True  # no GPU driver: the CPU, known without importing torch (seconds of every parse)
     from ..model.loading import pick_device
     return pick_device("auto").type == "cpu"

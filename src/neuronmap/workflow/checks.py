@@ -45,19 +45,20 @@ def check_languages(config: dict) -> None:
 
 
 def check_corpus(config: dict) -> None:
-    """The corpus exists and holds only files neuronmap reads. Their contents are read by the
-    corpus_contexts job, which names a bad line: reading a large corpus at every parse would not do."""
+    """The corpus exists, holds only files neuronmap reads, no empty label file, and
+    corpus.label_column can apply to it. Their contents are read by the corpus_contexts job, which
+    names a bad line: reading a large corpus at every parse would not do."""
     if config["corpus"]["path"]:
         from ..corpus.reading import corpus_files
-        corpus_files(config["corpus"]["path"])
+        corpus_files(config["corpus"]["path"], config["corpus"]["label_column"])
 
 
 def check_model(config: dict, prepared: str | Path | None = None) -> None:
     """The model exists, its architecture is supported and has the configured sites, top_k fits
     its number of units, and a local directory holds what a job loads (safetensors weights, a
     tokenizer, no remote code unless allowed)."""
-    from ..model.loading import check_model_files, check_remote_code
     from ..model.shape import model_shape
+    from ..model.source import check_model_files, check_remote_code
     local = Path(config["model"]).expanduser()
     if local.is_dir() and (local / "config.json").is_file():
         check_remote_code(local, config["trust_remote_code"])

@@ -1,4 +1,5 @@
-"""The mergeable histogram of every unit's values over the corpus, and quantiles read from it.
+"""The mergeable histogram of every unit's values over the corpus (the hist_bins and hist_counts
+columns of the corpus tables), and quantiles read from it.
 
 Bins follow the float's own bits: a value's sign, its binary exponent and the top SUB_BITS bits
 of its mantissa. So each octave [2^e, 2^(e+1)) of |x| is cut into 2^SUB_BITS equal bins, for
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Kept in step with the macros of records_kernel.c.
+# Kept in step with the macros of corpus/records_kernel.c.
 SUB_BITS = 3
 MIN_EXPONENT = -8
 OCTAVES = 20
