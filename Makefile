@@ -28,14 +28,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/local $(if $(MEM_MB),--resources gpu=1 mem_mb=$(MEM_MB)) $(if $(CONFIG),--configfile $(CONFIG))
 
-# Test processes (pytest-xdist). In `make test` one of them runs the e2e tests (the workflow runs,
-# in order) while the others run the rest; each runs torch on one thread (tests/conftest.py).
-TEST_WORKERS ?= 2
-
+# The whole suite, as CI runs it, in two pytest sessions side by side, one per core: the tests of
+# the e2e run (the workflow runs, one after another, around it) and all the others, whose report
+# follows. `pytest tests` runs the same tests in one session, one after another.
 test: $(STAMP)
-	$(BIN)/pytest -v --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
+	rest_log=$$(mktemp); \
+	OMP_NUM_THREADS=1 $(BIN)/pytest -v --durations=15 -m "not e2e_run" tests > $$rest_log 2>&1 & rest=$$!; \
+	trap 'kill $$rest 2>/dev/null' INT TERM; \
+	$(BIN)/pytest -v --durations=25 -m e2e_run tests; e2e=$$?; \
+	wait $$rest; others=$$?; cat $$rest_log; rm -f $$rest_log; \
+	echo "make test: exit $$e2e for the tests of the e2e run, $$others for the others"; \
+	[ $$e2e = 0 ] && [ $$others = 0 ]
 
-# Every test but those marked e2e (they start workflow jobs; tests/conftest.py marks them).
+# Every test but those marked e2e (workflow runs and jobs; tests/conftest.py), one process per
+# core (pytest-xdist), each running torch on one thread.
+TEST_WORKERS ?= 2
 test-fast: $(STAMP)
 	$(BIN)/pytest -q --durations=10 -n $(TEST_WORKERS) -m "not e2e" tests
 

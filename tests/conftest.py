@@ -8,8 +8,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test-fast` runs one worker per core: a worker's torch (and the jobs it starts) on one
-    # thread, or two workers' threads would contend for each core.
+    # `make test-fast` runs one worker per core: a worker's torch (and that of the processes it
+    # starts) on one thread, or two workers' threads would contend for each core.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -23,18 +23,14 @@ STARTS_NO_JOB = {"-n", "--dry-run", "--dryrun", "--lint", "--summary", "--detail
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that uses the end-to-end run is an `e2e` test (left out by `make test-fast`); a
-    test that starts workflow jobs, or a job's command as a process, carries the marker itself.
-
-    The tests of the e2e run come first, as one xdist group: under `make test` (pytest -n 2
-    --dist loadgroup) one worker makes the run and runs them from the start, while the other runs
-    the rest; no second worker makes the run again."""
+    """Every test that uses the end-to-end run is an `e2e` test (left out by `make test-fast`) and
+    an `e2e_run` test (`make test` runs these in a session of their own, around the one run, beside
+    a session of all the others); a test that starts workflow jobs otherwise, or a job's command as
+    a process, carries the `e2e` marker itself."""
     for item in items:
         if "e2e_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
-            item.add_marker(pytest.mark.xdist_group("e2e"))
-    first = [item for item in items if item.get_closest_marker("xdist_group")]
-    items[:] = first + [item for item in items if not item.get_closest_marker("xdist_group")]
+            item.add_marker(pytest.mark.e2e_run)
 
 
 _current_test: list = [None]
@@ -75,7 +71,7 @@ def run_snakemake(config_path, *args, timeout=1800, profile="profiles/local", co
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env or snakemake_env(),
                             timeout=timeout)
     item = _current_test[0]
-    if (item is not None and item.get_closest_marker("e2e") is None and not STARTS_NO_JOB & set(args)
+    if (item is not None and item.get_closest_marker("e2e") is None and not STARTS_NO_JOB & set(map(str, args))
             and "Finished jobid" in result.stdout + result.stderr):
         pytest.fail(f"{item.nodeid} ran workflow jobs: mark it @pytest.mark.e2e (make test-fast leaves those out)")
     return result

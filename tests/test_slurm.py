@@ -20,13 +20,14 @@ from polars.testing import assert_frame_equal
 
 from conftest import REPO, run_snakemake
 
-# Every test here reads the SLURM run, which compares itself with the local e2e run: in the e2e
-# run's xdist group (tests/conftest.py), which its fixture's getfixturevalue hides from the conftest.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+# Every test here reads the SLURM run, which compares itself with the local e2e run (a fixture
+# that tests/conftest.py does not see: slurm_run asks for it only once SLURM is there).
+pytestmark = [pytest.mark.e2e, pytest.mark.e2e_run]
 
-# The tiny run (23 SLURM jobs) took 6.5 minutes on a 2-core machine at load 2-3, where the local
-# run takes 4 (SLURM adds a Snakefile parse and a status poll to each job), and 7 to 9.5 minutes
-# at load 8. Beyond this bound something hangs, and the run is killed.
+# The tiny run (31 SLURM jobs) took 4 minutes on a 2-core AMD EPYC at load 2-3 (5 with the
+# plugin's own status poll, 11 at load 10-13), where the local run takes about 3 (SLURM adds a
+# Snakefile parse and a status poll to each job). Beyond this bound something hangs, and the run
+# is killed.
 RUN_TIMEOUT = 900
 PROBE_TIMEOUT = 20
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
