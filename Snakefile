@@ -27,6 +27,7 @@ include: "rules/report.smk"
 include: "rules/corpus.smk"
 include: "rules/labels.smk"
 include: "rules/atlas.smk"
+include: "rules/explain.smk"
 
 
 rule all:

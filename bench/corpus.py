@@ -5,7 +5,9 @@
 (a) the floor: a plain torch.inference_mode forward of the same fixed-shape batches (no hooks,
 the last position's logits); (b) neuronmap's records pass as `neuronmap corpus-records` runs it:
 all four sites of every layer, moments, histograms, top and bottom contexts, the partial Parquet
-files. Interleaved, median of --repeats. Then, each in a fresh process: peak RSS of the records
+files. At --contexts and twice as many, side by side, median of --repeats: records_ratio at
+--contexts, marginal_records_ratio (per token, fixed cost removed) and fixed_s (seconds per job;
+bench/marginal.py). Then, each in a fresh process: peak RSS of the records
 pass at N and at >= 10x N tokens; the merged records of 1, 2 and 5 shards compared; a records job
 killed (SIGKILL) after its first checkpoint and run again, compared with an uninterrupted one.
 Prints a table, then one JSON line.
@@ -13,7 +15,7 @@ Prints a table, then one JSON line.
 On a GPU, `--device cuda --random-config bench/configs/llama-3.1-8b.json --dtype bfloat16` times the
 same two passes on a model of that shape with random weights over random tokens (no download:
 the cost of both passes depends on the shapes, not on the weights); the RSS, shard and resume
-checks run on the CPU only.
+checks run on the CPU only, and not with --random-config or --timing-only.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from neuronmap.model.host_memory import reuse_freed_buffers  # noqa: E402
 from neuronmap.model.loading import load_model  # noqa: E402
 
 from extract import high_water_mark_mb, model_dir  # noqa: E402  (bench/ is this script's folder)
+from marginal import interleaved, marginal  # noqa: E402
 
 CORPUS = REPO / "data" / "corpus" / "fortunes"
 CONTEXT_TOKENS = 64
@@ -190,6 +193,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-config", help="time a model of this config.json's shape, random weights")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--timing-only", action="store_true", help="on the CPU too, no RSS, shard or resume check")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -198,47 +202,44 @@ def main() -> None:
 
     if args.random_config:
         model, vocabulary = random_model(args.random_config, args.device, args.dtype)
-        contexts, tokenizer, pad = random_contexts(args.contexts, vocabulary), None, 0
+        contexts, tokenizer, pad = random_contexts(2 * args.contexts, vocabulary), None, 0
     else:
         model, tokenizer = load_model(model_dir(), args.device, args.dtype)
-        contexts, pad = corpus_contexts(tokenizer, args.contexts), tokenizer.pad_token_id
-    tokens = int(contexts["n_tokens"].sum())
-    times = {"floor": [], "records": []}
+        contexts, pad = corpus_contexts(tokenizer, 2 * args.contexts), tokenizer.pad_token_id
+    sizes = (args.contexts, 2 * args.contexts)
+    size_tokens = tuple(int(contexts.head(n)["n_tokens"].sum()) for n in sizes)
+    tokens = size_tokens[0]
     with tempfile.TemporaryDirectory() as tmp:
+        def measure(size: int) -> dict[str, float]:
+            chosen = contexts.head(size)
+            times = {"floor": time_floor(model, chosen, pad), "records": time_records(model, chosen, pad, Path(tmp))}
+            print(f"{size} contexts: floor {times['floor']:.3f} s, records {times['records']:.3f} s", file=sys.stderr)
+            return times
         time_records(model, contexts.head(SETTINGS.batch_size), pad, Path(tmp))  # warm-up (and the kernel's build)
-        for _ in range(args.repeats):
-            times["floor"].append(time_floor(model, contexts, pad))
-            times["records"].append(time_records(model, contexts, pad, Path(tmp)))
-            print(f"floor {times['floor'][-1]:.3f} s, records {times['records'][-1]:.3f} s", file=sys.stderr)
-    medians = {name: statistics.median(v) for name, v in times.items()}
+        # A job's fixed costs (allocating the records, writing them) apart from the per-token
+        # cost: the same passes over twice the contexts, side by side (bench/marginal.py).
+        at = interleaved(measure, sizes, args.repeats)
+    medians = at[sizes[0]]
     device = str(next(model.parameters()).device)
-    if device != "cpu":
-        # A job's fixed costs (allocating the records, writing them) beside the per-token cost:
-        # the same passes over twice the contexts, the difference being what more tokens cost.
-        double = random_contexts(2 * args.contexts, vocabulary) if args.random_config else \
-            corpus_contexts(tokenizer, 2 * args.contexts)
-        with tempfile.TemporaryDirectory() as tmp:
-            twice = {"floor": statistics.median(time_floor(model, double, pad) for _ in range(args.repeats)),
-                     "records": statistics.median(time_records(model, double, pad, Path(tmp))
-                                                  for _ in range(args.repeats))}
-        marginal = (twice["records"] - medians["records"]) / (twice["floor"] - medians["floor"])
-        figures = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                   "model": args.random_config or "smollm2-135m", "dtype": args.dtype, "contexts": args.contexts,
-                   "tokens": tokens, "seconds": medians, "all_seconds": times,
-                   "records_ratio": medians["records"] / medians["floor"],
-                   "tokens_per_s": tokens / medians["records"], "floor_tokens_per_s": tokens / medians["floor"],
-                   "seconds_at_twice_the_tokens": twice, "marginal_records_ratio": marginal,
-                   "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None}
-        print(f"{device}: floor {medians['floor']:.3f} s, records {medians['records']:.3f} s over {tokens} tokens")
-        print(json.dumps(figures))
+    timing = {"bench": "corpus", "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+              "model": args.random_config or "smollm2-135m", "dtype": args.dtype, "contexts": args.contexts,
+              "tokens": tokens, "repeats": args.repeats, "threads": torch.get_num_threads(), "seconds": medians,
+              "records_ratio": medians["records"] / medians["floor"],
+              "tokens_per_s": tokens / medians["records"], "floor_tokens_per_s": tokens / medians["floor"],
+              "seconds_at_twice_the_tokens": at[sizes[1]],
+              **{("marginal_records_ratio" if key == "marginal_ratio" else key): value for key, value in
+                 marginal(size_tokens, (at[sizes[0]]["floor"], at[sizes[1]]["floor"]),
+                          (at[sizes[0]]["records"], at[sizes[1]]["records"])).items()},
+              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None}
+    if device != "cpu" or args.random_config or args.timing_only:
+        print(f"{device}: floor {medians['floor']:.3f} s, records {medians['records']:.3f} s over {tokens} tokens; "
+              f"marginal {timing['marginal_records_ratio']}, fixed {timing['fixed_s']} s per job")
+        print(json.dumps(timing))
         return
     small = child("--rss-child", str(args.rss_contexts))
     large = child("--rss-child", str(10 * args.rss_contexts + SETTINGS.batch_size))
     figures = {
-        "contexts": args.contexts, "tokens": tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "seconds": medians, "all_seconds": times,
-        "records_ratio": medians["records"] / medians["floor"],
-        "tokens_per_s": tokens / medians["records"], "floor_tokens_per_s": tokens / medians["floor"],
+        **timing,
         "rss_mb_small": small["rss_mb"], "rss_mb_large": large["rss_mb"],
         "rss_tokens_small": small["tokens"], "rss_tokens_large": large["tokens"],
         "rss_growth": large["rss_mb"] / small["rss_mb"] - 1,

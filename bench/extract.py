@@ -1,12 +1,18 @@
 """Extraction cost against the forward-pass floor, on the same batches of the default model.
 
-    .venv/bin/python bench/extract.py [--prompts 128] [--repeats 3] [--rss-prompts 64]
+    .venv/bin/python bench/extract.py [--prompts 128] [--repeats 3] [--rss-prompts 64] [--others]
 
-(a) a plain torch.inference_mode forward (the floor), also without the vocabulary projection;
-(b) neuronmap's extraction: all four sites, three poolings, streaming statistics, top
-activations and the Parquet writes, as the workflow runs it; (c) TransformerLens and (d) nnsight
-doing the same reductions, when installed (pip install -e '.[bench]'). Then peak RSS of
-extraction at 1x and 8x the prompts (separate processes). Prints a table, then one JSON line.
+In two regimes, whole prompts (no cache) and the workflow's (cached prefixes of demonstrations,
+short query segments after them), at two sizes (--prompts and half of it), side by side and
+median of --repeats: (a) the floor, a bare torch.inference_mode forward of the same batches (the
+last position's logits only; in the query regime model/cost.py's `cached_queries`, what the
+calibration job forwards); (b) neuronmap's extraction: all four sites, three poolings,
+streaming statistics, top activations and the Parquet writes, as the workflow runs it. Per
+regime: the ratio at the larger size, the marginal ratio (per token, fixed cost removed) and
+the fixed cost per job (bench/marginal.py). With --others, (c) TransformerLens and (d) nnsight
+doing the same reductions on whole prompts, when installed (pip install -e '.[bench]'). Then
+peak RSS of extraction at 1x and 8x the prompts (separate processes). Prints a table, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from marginal import interleaved, marginal  # noqa: E402  (bench/ is this script's folder)
 from neuronmap.model.batching import encode, length_sorted_batches  # noqa: E402
+from neuronmap.model.cost import cached_queries  # noqa: E402
 from neuronmap.extract.engine import Extraction, ExtractionOutputs
 from neuronmap.extract.settings import ExtractionSettings  # noqa: E402
 from neuronmap.model.host_memory import return_large_buffers_to_the_os  # noqa: E402
@@ -41,6 +49,10 @@ RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation"
              "word_first_letter", "verb_past_tense", "adj_comparative"]
 # Fused statistics: on the CPU the C kernel, the path fused_statistics: auto takes there for any shard.
 SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True)
+# whole: whole prompts, no cache (pool_span: prompt); query: the workflow's default (pool_span:
+# query), each distinct prefix of demonstrations forwarded once and ~11-token query segments after
+# its cached keys and values, where a forward's fixed costs weigh far more per token.
+REGIMES = ("whole", "query")
 
 
 def model_dir() -> Path:
@@ -73,10 +85,11 @@ def time_floor(model, batches, logits: bool) -> float:
     return time.perf_counter() - start
 
 
-def time_neuronmap(model, tokenizer, prompts, workdir: Path) -> float:
+def time_neuronmap(model, tokenizer, prompts, workdir: Path, prefixes=None) -> float:
     outputs = ExtractionOutputs(workdir / "r.parquet", workdir / "s.parquet", workdir / "t.parquet")
     start = time.perf_counter()
-    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), SETTINGS).run(outputs)
+    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), SETTINGS,
+               prefixes).run(outputs)
     return time.perf_counter() - start
 
 
@@ -154,11 +167,40 @@ def peak_rss(n: int, repeats: int) -> float:
     return statistics.median(one() for _ in range(repeats))
 
 
+def time_bare_queries(model, tokenizer, prompts) -> tuple[float, int]:
+    """The workflow regime's floor: each distinct prefix once, then the batches of queries after
+    their cached prefixes, bare (the calibration job's `extract` regime, model/cost.py)."""
+    with torch.inference_mode():
+        count = cached_queries(model, tokenizer, prompts["prefix"].to_list(), prompts["text"].to_list(),
+                               SETTINGS.batch_size, SETTINGS.batch_tokens)
+    return count.seconds, count.tokens
+
+
+def measure_regime(model, tokenizer, prompts, regime: str, workdir: Path):
+    """A function of a size that times, side by side, the floor and neuronmap on the first
+    `size` prompts in one regime: whole prompts (no cache) or the workflow's cached prefixes and
+    query segments (pool_span: query). Remembers the floor's tokens per size."""
+    tokens: dict[int, int] = {}
+
+    def measure(size: int) -> dict[str, float]:
+        chosen = prompts.head(size)
+        prefixes = chosen["prefix"].to_list() if regime == "query" else None
+        if regime == "query":
+            floor, tokens[size] = time_bare_queries(model, tokenizer, chosen)
+        else:
+            batches = batches_of(tokenizer, chosen["text"].to_list())
+            floor = time_floor(model, batches, logits=False)
+            tokens[size] = sum(int(b["attention_mask"].numel()) for b in batches)
+        return {"floor": floor, "neuronmap": time_neuronmap(model, tokenizer, chosen, workdir, prefixes)}
+    return measure, tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=128, help="prompts of the larger size (the smaller: half)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rss-prompts", type=int, default=64)
+    parser.add_argument("--rss-prompts", type=int, default=64, help="0: no peak RSS measurement")
+    parser.add_argument("--others", action="store_true", help="also time nnsight and TransformerLens (whole prompts)")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     return_large_buffers_to_the_os()  # as `neuronmap extract` does before loading the model
@@ -167,37 +209,41 @@ def main() -> None:
 
     model, tokenizer = load_model(model_dir(), "cpu", "float32")
     prompts = identification_prompts(args.prompts)
-    batches = batches_of(tokenizer, prompts["text"].to_list())
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    times = {"floor": [], "floor_no_logits": [], "neuronmap": [], "nnsight": [], "transformer_lens": []}
-    # The other tools wrap the modules they see (nnsight replaces every module's forward), which
-    # would slow, and change, what the floor and neuronmap measure: they get their own copy.
-    other = copy.deepcopy(model)
+    sizes = (args.prompts // 2, args.prompts)
+    figures = {"bench": "extract", "prompts": list(sizes), "repeats": args.repeats,
+               "threads": torch.get_num_threads(), "regimes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        time_neuronmap(model, tokenizer, prompts, Path(tmp))  # warm-up
-        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every method alike
-            times["floor"].append(time_floor(model, batches, logits=True))
-            times["neuronmap"].append(time_neuronmap(model, tokenizer, prompts, Path(tmp)))
-            times["floor_no_logits"].append(time_floor(model, batches, logits=False))
+        for regime in REGIMES:
+            measure, tokens = measure_regime(model, tokenizer, prompts, regime, Path(tmp))
+            measure(sizes[0])  # warm-up
+            medians = interleaved(measure, sizes, args.repeats)
+            large = medians[sizes[1]]
+            figures["regimes"][regime] = {
+                "tokens": tokens[sizes[1]], "seconds": large, "ratio": round(large["neuronmap"] / large["floor"], 3),
+                **marginal((tokens[sizes[0]], tokens[sizes[1]]), (medians[sizes[0]]["floor"], large["floor"]),
+                           (medians[sizes[0]]["neuronmap"], large["neuronmap"]))}
+        if args.others:
+            batches = batches_of(tokenizer, prompts["text"].to_list())
+            # The other tools wrap the modules they see (nnsight replaces every module's forward):
+            # they get their own copy of the model.
+            other = copy.deepcopy(model)
+            others = {}
             for name, run in (("nnsight", time_nnsight), ("transformer_lens", time_transformer_lens)):
-                seconds = run(other, tokenizer, batches)
-                if seconds is not None:
-                    times[name].append(seconds)
-    medians = {name: statistics.median(v) for name, v in times.items() if v}
-    rss_1x, rss_8x = peak_rss(args.rss_prompts, args.repeats), peak_rss(8 * args.rss_prompts, args.repeats)
-    figures = {"prompts": args.prompts, "batches": len(batches), "tokens": tokens, "repeats": args.repeats,
-               "threads": torch.get_num_threads(), "seconds": medians,
-               "ratio_to_floor": {k: v / medians["floor"] for k, v in medians.items()},
-               "ratio_to_floor_no_logits": {k: v / medians["floor_no_logits"] for k, v in medians.items()},
-               "peak_rss_mb": {f"{args.rss_prompts}_prompts": rss_1x, f"{8 * args.rss_prompts}_prompts": rss_8x},
-               "rss_growth_8x": rss_8x / rss_1x - 1}
-    print(f"{args.prompts} prompts, {tokens} tokens, {len(batches)} batches, median of {args.repeats}")
-    print(f"{'method':<22}{'seconds':>10}{'vs floor':>10}{'vs floor w/o logits':>22}")
-    for name, seconds in medians.items():
-        print(f"{name:<22}{seconds:>10.2f}{figures['ratio_to_floor'][name]:>10.3f}"
-              f"{figures['ratio_to_floor_no_logits'][name]:>22.3f}")
-    print(f"peak RSS: {rss_1x:.0f} MB at {args.rss_prompts} prompts, {rss_8x:.0f} MB at {8 * args.rss_prompts} "
-          f"({100 * figures['rss_growth_8x']:+.1f}%)")
+                seconds = [run(other, tokenizer, batches) for _ in range(args.repeats)]
+                if seconds[0] is not None:
+                    others[name] = statistics.median(seconds)
+            whole = figures["regimes"]["whole"]
+            whole["others_ratio"] = {name: round(t / whole["seconds"]["floor"], 3) for name, t in others.items()}
+    if args.rss_prompts:
+        rss_1x, rss_8x = peak_rss(args.rss_prompts, args.repeats), peak_rss(8 * args.rss_prompts, args.repeats)
+        figures.update({"peak_rss_mb": {f"{args.rss_prompts}_prompts": rss_1x,
+                                        f"{8 * args.rss_prompts}_prompts": rss_8x},
+                        "rss_growth_8x": rss_8x / rss_1x - 1})
+    print(f"prompts {sizes[0]} and {sizes[1]}, median of {args.repeats}, {figures['threads']} threads")
+    print(f"{'regime':<8}{'tokens':>8}{'floor s':>9}{'neuronmap s':>13}{'ratio':>7}{'marginal':>10}{'fixed s':>9}")
+    for regime, row in figures["regimes"].items():
+        print(f"{regime:<8}{row['tokens']:>8}{row['seconds']['floor']:>9.2f}{row['seconds']['neuronmap']:>13.2f}"
+              f"{row['ratio']:>7.3f}{row['marginal_ratio'] or float('nan'):>10.3f}{row['fixed_s']:>9.2f}")
     print(json.dumps(figures))
 
 

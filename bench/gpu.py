@@ -8,10 +8,15 @@ Measures, on the same model:
 (a) load time: the model saved once as safetensors, then loaded by neuronmap under `--device-map`
     (single: one device; auto: decoder layers dispatched by accelerate over the visible GPUs);
 (b) extraction against the bare forward on the same batches (all four sites, three poolings,
-    per-token statistics, top activations, Parquet writes): extract_ratio = extraction / forward;
+    per-token statistics, top activations, Parquet writes), at --prompts and half of it, side by
+    side: extract_ratio = extraction / forward at --prompts; extract_marginal_ratio (per token,
+    fixed cost removed) and extract_fixed_s (seconds per job; bench/marginal.py);
 (c) the batched ablation sweep (`--group` >= 12 configurations per forward batch: k in 100, 1000,
-    3000, top-k and three random controls each) against one configuration at a time, whose
-    answers must be identical: sweep_speedup;
+    3000, top-k and three random controls each) against one configuration at a time:
+    sweep_speedup; their answers must be identical with the model in float32 (on
+    --check-prompts; identical_answers), where bfloat16's rounding of batches of other shapes
+    cannot flip a near-tied greedy choice of random weights (the timed runs' own agreement, in
+    the model's dtype, is identical_answers_in_model_dtype, for information);
 (d) LM-head decoding of every unit's vectors (up, gate, act; with and without the norm's gain).
 Then projects the reference study's whole experiment (Llama-2-7B, 12 relations; see --study-*)
 on one such GPU from those rates. Prints a table, then one JSON line with extract_ratio,
@@ -25,6 +30,7 @@ Llama-2's tokenizer would make it, which makes the measured rates conservative.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -39,6 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from marginal import interleaved, marginal  # noqa: E402  (bench/ is this script's folder)
 from neuronmap.ablate.ablation import DeactivationValue, ablations_for, deactivation_for, evaluate, evaluate_sweep  # noqa: E402
 from neuronmap.ablate.settings import EvaluationSettings  # noqa: E402
 from neuronmap.extract.engine import Extraction, ExtractionOutputs, forward_without_logits  # noqa: E402
@@ -120,6 +127,29 @@ def bare_forward(model, tokenizer, texts, settings: ExtractionSettings) -> None:
             forward_without_logits(model, encode(tokenizer, [texts[i] for i in batch], device, padding_side="right"))
 
 
+def same_answers(swept: pl.DataFrame, one: list[list[str]], n: int) -> bool:
+    """The sweep's answers (configuration-major, n prompts each) equal one configuration at a time."""
+    return all(swept["generated"][i * n:(i + 1) * n].to_list() == answers for i, answers in enumerate(one))
+
+
+@contextlib.contextmanager
+def in_float32(model):
+    """The model's floating-point parameters and buffers in float32 for the block, then back
+    (bfloat16 -> float32 -> bfloat16 is exact). Tensor by tensor, so a dispatched model's
+    tensors stay on their devices; on a 7B model it needs 4 bytes a parameter on the GPU."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def random_units(widths: dict[str, int], n_layers: int, count: int) -> pl.DataFrame:
     generator = torch.Generator().manual_seed(0)
     pool = [(site, layer) for site in ("gate", "up", "act", "down") for layer in range(n_layers)]
@@ -142,6 +172,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=12, help="configurations per forward batch in the sweep")
     parser.add_argument("--device-map", default="single", choices=["single", "auto", "balanced"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--check-prompts", type=int, default=16,
+                        help="test prompts of the equality check (in float32)")
     parser.add_argument("--study-relations", type=int, default=12)
     parser.add_argument("--study-prompts", type=int, default=1000, help="identification prompts per relation")
     parser.add_argument("--study-test-prompts", type=int, default=50, help="test prompts per relation")
@@ -175,15 +207,23 @@ def main() -> None:
         settings = ExtractionSettings.defaults(fused_statistics=True)  # the path of large shards
         out = Path(folder) / "responses"
 
-        def extraction():
+        def extraction(chosen):
             outputs = ExtractionOutputs(*(out.with_suffix(f".{kind}.parquet") for kind in ("r", "s", "t")))
-            Extraction(model, tokenizer, ids, texts, settings).run(outputs)
-        extraction()  # compiles the fused statistics, warms the allocator
-        forward_s, extract_s = [], []
-        for _ in range(args.repeats):
-            forward_s.append(timed(lambda: bare_forward(model, tokenizer, texts, settings), torch_device))
-            extract_s.append(timed(extraction, torch_device))
-        tokens = sum(len(x) for x in tokenizer(texts)["input_ids"])
+            Extraction(model, tokenizer, chosen["prompt_id"].to_list(), chosen["text"].to_list(), settings).run(outputs)
+
+        def measure(size: int) -> dict[str, float]:
+            chosen = ident.head(size)
+            return {"forward": timed(lambda: bare_forward(model, tokenizer, chosen["text"].to_list(), settings),
+                                     torch_device),
+                    "extract": timed(lambda: extraction(chosen), torch_device)}
+        extraction(ident)  # compiles the fused statistics, warms the allocator
+        sizes = (ident.height // 2, ident.height)
+        medians = interleaved(measure, sizes, args.repeats)
+        size_tokens = [sum(len(x) for x in tokenizer(ident.head(n)["text"].to_list())["input_ids"]) for n in sizes]
+        extract_marginal = marginal(tuple(size_tokens), tuple(medians[n]["forward"] for n in sizes),
+                                    tuple(medians[n]["extract"] for n in sizes))
+        forward_s, extract_s = [medians[sizes[1]]["forward"]], [medians[sizes[1]]["extract"]]
+        tokens = size_tokens[1]
 
         # (c) the batched sweep against one configuration at a time
         test = prompts(args.test_prompts, "test")
@@ -191,7 +231,7 @@ def main() -> None:
         units = random_units(widths, sites.n_layers, max(TOP_K))
         plan = ablations_for("synthetic", units, TOP_K, SEEDS, widths)
         configs = [deactivation_for(a, DeactivationValue("zero")) for a in plan]
-        one_s, sweep_s, identical = [], [], True
+        one_s, sweep_s, same_in_dtype = [], [], []
         for _ in range(args.repeats):
             one, swept = [], None
 
@@ -203,8 +243,15 @@ def main() -> None:
                 swept = evaluate_sweep(model, tokenizer, test, plan, configs, evaluation, args.group)
             one_s.append(timed(one_at_a_time, torch_device))
             sweep_s.append(timed(sweep, torch_device))
-            n = test.height
-            identical &= all(swept["generated"][i * n:(i + 1) * n].to_list() == one[i] for i in range(len(plan)))
+            same_in_dtype.append(same_answers(swept, one, test.height))
+        # The equality check in float32: in bfloat16 a batch of 12 x 16 rows rounds differently
+        # from one of 16, and on random weights (near-tied logits) that flips greedy answers
+        # without any difference in what the sweep computes.
+        with in_float32(model):
+            check = test.head(min(test.height, args.check_prompts))
+            one = [evaluate(model, tokenizer, check, a, evaluation)["generated"].to_list() for a in plan]
+            identical = same_answers(evaluate_sweep(model, tokenizer, check, plan, configs, evaluation, args.group),
+                                     one, check.height)
 
         # (d) decoding every unit through the LM head
         decode_s = timed(lambda: decode_neurons(model, tokenizer), torch_device)
@@ -240,9 +287,12 @@ def main() -> None:
         "bench": "gpu", "smoke": args.smoke, "gpu": gpu, "torch": torch.__version__, "device_map": args.device_map,
         "load_seconds": round(load_seconds, 2), "forward_seconds": round(forward, 3),
         "extract_seconds": round(extract, 3), "extract_ratio": round(extract / forward, 2),
+        "extract_marginal_ratio": extract_marginal["marginal_ratio"], "extract_fixed_s": extract_marginal["fixed_s"],
+        "forward_fixed_s": extract_marginal["floor_fixed_s"], "extract_tokens": extract_marginal["marginal_tokens"],
         "sweep_seconds": round(sweep, 3), "one_at_a_time_seconds": round(one, 3),
         "sweep_speedup": round(one / sweep, 2), "configurations": len(plan), "configs_per_batch": args.group,
-        "identical_answers": identical, "decode_seconds": round(decode_s, 2),
+        "identical_answers": identical, "identical_answers_in_model_dtype": all(same_in_dtype),
+        "decode_seconds": round(decode_s, 2),
         "projection_hours": {key: round(value, 2) for key, value in projection.items()},
     }))
     if not identical:

@@ -22,4 +22,5 @@ rule atlas_index:
         "--peak-tokens {input.peak_tokens} --neuron-stats {input.neuron_stats} "
         "--decoded {input.decoded} --expertise {input.expertise} "
         "--label-records {input.label_records} --label-units {input.label_units} "
-        "--label-expertise {input.label_expertise} --out {output} 2> {log}"
+        "--label-expertise {input.label_expertise} --explanations {input.explanations} "
+        "--explain-scores {input.explain_scores} --out {output} 2> {log}"

@@ -68,12 +68,17 @@ except NeuronmapError as exc:
     raise WorkflowError(str(exc)) from None
 LABEL_RESPONSES = LABELS and config["labels"]["ap"]
 
+# The explain stage runs with explain.enabled (workflow/checks.py checks what it needs).
+EXPLAIN = config["explain"]["enabled"]
+EXPLAIN_SHARDS = list(range(config["explain"]["shards"]))
+
 # The parts of a run (neuronmap.report.inputs.PARTS) this config runs.
 PARTS = {
     "model": True,
     "study": config["relation_study"],
     "corpus": bool(config["corpus"]["path"]),
     "labels": LABELS,
+    "explain": EXPLAIN,
 }
 
 
@@ -194,6 +199,8 @@ def report_inputs(wildcards):
         "label_units": rules.label_select.output.units,
         "label_perplexity": rules.label_perplexity.output.summary,
         "label_overlap": rules.label_select.output.overlap,
+        "explanations": rules.explain_merge.output.explanations,
+        "explain_scores": rules.explain_merge.output.scores,
     }
     declared = {i.name for i in REPORT_INPUTS}
     if declared != set(outputs):
@@ -221,6 +228,8 @@ def all_outputs():
         outputs += [merged.units, merged.examples, merged.peak_tokens]
     if PARTS["labels"]:
         outputs += [rules.label_perplexity.output.summary]
+    if PARTS["explain"]:
+        outputs += list(rules.explain_merge.output)
     return outputs
 
 
@@ -242,4 +251,36 @@ def atlas_sources(wildcards):
         "label_records": where("labels", labels.records),
         "label_units": where("labels", labels.units),
         "label_expertise": where("labels", labels.expertise),
+        "explanations": where("explain", rules.explain_merge.output.explanations),
+        "explain_scores": where("explain", rules.explain_merge.output.scores),
     }
+
+
+def explain_sources(wildcards):
+    """What the explain stage's unit selection reads (explain.units)."""
+    kind = config["explain"]["units"]
+    if kind.startswith("labels"):
+        return {"label_units": rules.label_select.output.units}
+    if kind == "relations":
+        return {"relation_units": per_relation(rules.stats.output.units)}
+    return {"corpus_units": rules.corpus_merge.output.units}
+
+
+def explain_source_options(wildcards, input):
+    """The selection's options for those files: --<name> <file(s)>."""
+    words = []
+    for name, files in input.items():
+        words += [
+            f"--{name.replace('_', '-')}",
+            *([files] if isinstance(files, str) else files),
+        ]
+    return " ".join(map(shlex.quote, words))
+
+
+def explain_shards(name):
+    """Output `name` of every explain job (rule explain)."""
+
+    def outputs(wildcards):
+        return expand(getattr(rules.explain.output, name), shard=EXPLAIN_SHARDS)
+
+    return outputs

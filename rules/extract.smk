@@ -51,7 +51,8 @@ rule neuron_stats:
         "--top {input.top} --out {output.stats} --out-top {output.top} 2> {log}"
 
 
-# A bare forward pass over a sample of the prompts: the rate cost.parquet compares stages with.
+# Bare forward passes of each stage's regime over a sample of the prompts: the floors cost.parquet
+# compares the stages with.
 rule calibrate:
     input:
         prompts=rules.merge_prompts.output[0],

@@ -1,4 +1,4 @@
-# What the run cost, stage by stage, against the calibration job's bare forward pass.
+# What the run cost, stage by stage, against the calibration job's bare forward passes of its regime.
 rule cost:
     input:
         jobs=model_job_costs,

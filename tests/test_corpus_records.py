@@ -376,3 +376,74 @@ def test_contexts_never_span_documents(smollm2):
         ids = tokenizer(next(d.text for d in documents if d.document == document[0]))["input_ids"]
         assert sum(group.sort("part")["token_ids"].to_list(), []) == ids
     assert contexts["context_id"].to_list() == list(range(contexts.height))
+
+
+def tiny_records(model, tmp_path, tag, torch_path, chunk_elements=None, monkeypatch=None, dies_after=None):
+    """The records, label records and responses of a labelled pass over random contexts on `model`,
+    on the C kernel or on the torch path (every site's layers stacked, `chunk_elements` at a time)."""
+    from neuronmap.corpus import reductions
+    rng = np.random.default_rng(3)
+    lengths = [12, 5, 1, 9, 12, 3, 7, 2, 11, 6, 4]
+    contexts = pl.DataFrame({"context_id": [3 * i + 1 for i in range(len(lengths))], "n_tokens": lengths,
+                             "token_ids": [rng.integers(1, 97, n).tolist() for n in lengths],
+                             "label": [("en", "de", "fr")[i % 3] for i in range(len(lengths))]})
+    with pytest.MonkeyPatch.context() as patch:
+        if torch_path:
+            patch.setattr(records_kernel, "load", lambda: None)
+        if chunk_elements is not None:
+            patch.setattr(reductions, "REDUCE_ELEMENTS", chunk_elements)
+        settings = RecordsSettings.defaults(batch_size=3, examples=2, peak_token_contexts=4,
+                                            checkpoint_minutes=0 if dies_after else 60)
+        outputs = RecordsOutputs(*(tmp_path / f"{tag}.{name}" for name in ("u.parquet", "e.parquet", "ckpt",
+                                                                             "l.parquet", "r.parquet")))
+        make = lambda: RecordsPass(model, contexts, settings, 12, 0, labels=["de", "en", "fr"], response_sites=("act",))
+        if dies_after is not None:
+            forward, calls = RecordsPass._forward, []
+
+            def dies(self, *args):
+                calls.append(1)
+                if len(calls) > dies_after:
+                    raise KeyboardInterrupt
+                return forward(self, *args)
+            patch.setattr(RecordsPass, "_forward", dies)
+            with pytest.raises(KeyboardInterrupt):
+                make().run(outputs)
+            assert torch.load(outputs.checkpoint, weights_only=True)["batches_done"] == dies_after
+            patch.setattr(RecordsPass, "_forward", forward)
+        job = make()
+        assert all(r.kernel is None for r in job.records.values()) == torch_path
+        job.run(outputs)
+    return {name: pl.read_parquet(getattr(outputs, name)) for name in ("units", "extremes", "labels", "responses")}
+
+
+def assert_same_tiny_records(a, b):
+    floats = {"units": ["mean", "m2", "m3", "m4"], "labels": ["sum"]}
+    for name in ("units", "extremes", "labels"):
+        exact = [c for c in a[name].columns if c not in floats.get(name, [])]
+        assert a[name].select(exact).equals(b[name].select(exact)), name
+        for column in floats.get(name, []):
+            np.testing.assert_allclose(a[name][column], b[name][column], rtol=1e-9, atol=1e-9)
+    assert a["responses"].columns == b["responses"].columns
+    for column in a["responses"].columns:
+        if a["responses"][column].dtype != pl.Binary:
+            assert a["responses"][column].equals(b["responses"][column]), column
+        else:  # float16 rows: the kernel's mean and torch's may round apart by a unit in the last place
+            left, right = (np.stack([np.frombuffer(v, np.float16) for v in r["responses"][column]]).astype(np.float32)
+                           for r in (a, b))
+            np.testing.assert_allclose(left, right, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 4000, 1], ids=["all layers at once", "2 layers at once", "per layer"])
+def test_stacked_torch_path_equals_the_kernel_through_the_pass(tiny_llama, tmp_path, chunk_elements):
+    """Records, label records and responses of the torch path (as on a GPU: a site's layers reduced
+    together) equal the C kernel's, whatever the layers reduced per call."""
+    native = tiny_records(tiny_llama, tmp_path, "native", False)
+    stacked = tiny_records(tiny_llama, tmp_path, "torch", True, chunk_elements)
+    assert_same_tiny_records(native, stacked)
+
+
+def test_the_torch_path_resumes_to_the_same_records(tiny_llama, tmp_path):
+    whole = tiny_records(tiny_llama, tmp_path, "whole", True)
+    resumed = tiny_records(tiny_llama, tmp_path, "resumed", True, dies_after=2)
+    for name in whole:
+        assert whole[name].equals(resumed[name]), name

@@ -127,3 +127,38 @@ def test_out_of_range_unit_is_rejected(tiny_llama):
         with deactivated(MlpSites(tiny_llama), {("down", 0): [32]}):
             pass
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_llama.modules())
+
+
+def test_a_mask_from_host_lengths_is_the_mask_from_the_attention_mask():
+    lengths = [5, 2, 7, 1]
+    attention = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).long()
+    for exclude_first in (False, True):
+        expected = TokenMask.from_attention_mask(attention, exclude_first)
+        got = TokenMask.from_lengths(lengths, 7, exclude_first)
+        assert got.count == expected.count
+        for field in ("valid", "lengths", "counts"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field
+
+
+def test_a_stack_of_layers_reduces_as_each_layer_does():
+    """site_reductions on [L, B, T, n] gives, per layer, exactly what it gives that layer alone."""
+    from neuronmap.model.hooks import site_reductions
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 10)
+    valid = TokenMask.from_lengths([6, 3, 1, 4], 6, exclude_first=True).valid.unsqueeze(-1)
+    stacked = site_reductions(x, valid, 0.5)
+    for layer in range(3):
+        for whole, alone in zip(stacked, site_reductions(x[layer], valid, 0.5)):
+            assert torch.equal(whole[layer], alone)
+
+
+def test_the_torch_path_keeps_layers_apart_in_groups(smollm2, monkeypatch):
+    """Layers reduced in several groups (a small GROUP_BYTES) give what one stack of all gives."""
+    from neuronmap.model import hooks
+    model, tokenizer = smollm2
+    batch = encode(tokenizer, TEXTS, torch.device("cpu"), padding_side="right")
+    whole = pooled_responses(model, MlpSites(model), ["gate", "down"], "last", batch)
+    monkeypatch.setattr(hooks, "GROUP_BYTES", 1)  # every layer its own group
+    grouped = pooled_responses(model, MlpSites(model), ["gate", "down"], "last", batch)
+    for site in whole:
+        assert torch.equal(whole[site], grouped[site]), site

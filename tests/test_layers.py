@@ -23,7 +23,7 @@ FLOORS = {
     PACKAGE: GROUND, "errors": GROUND, "config": GROUND, "io": GROUND, "maths": GROUND,
     "model": MODEL,
     "prepare": STAGE, "extract": STAGE, "stats": STAGE, "ablate": STAGE, "corpus": STAGE, "labels": STAGE,
-    "plan": STAGE, "report": STAGE, "atlas": STAGE,
+    "plan": STAGE, "report": STAGE, "atlas": STAGE, "explain": STAGE,
     "cli": TOP, "workflow": TOP, "__main__": TOP,
 }
 

@@ -18,7 +18,7 @@ TEXTS = [f"The capital city of {c} is" for c in ("France", "Germany", "Peru", "t
         ["Hello", "A star in the constellation of Orion, the hunter, is Betelgeuse", "x y z"]
 IDS = [f"p{i:02d}" for i in range(len(TEXTS))]
 SETTINGS = ExtractionSettings.defaults(sites=("gate", "act", "down"), batch_size=4, batch_tokens=48, top_n=3,
-                              active_threshold=0.1)
+                                       active_threshold=0.1, poolings=("mean", "max", "last"))
 
 
 def extract_in_shards(model, tokenizer, tmp_path, n_shards):
@@ -149,16 +149,19 @@ def test_the_running_top_equals_a_top_over_all_rows(width, monkeypatch):
     merged = {}
     for in_place in (True, False):
         monkeypatch.setattr(neuron_stats, "runs_natively", lambda device: in_place)
-        stats = neuron_stats.UnitStats(width, 4, torch.device("cpu"))
+        stats = neuron_stats.UnitStats(2, width, 4, torch.device("cpu"))  # two layers: the second reversed
         assert stats.in_place == in_place
         first = 0
         for peaks, where in zip(batches, positions):
             rows = peaks.shape[0]
-            zero = torch.zeros(width)
-            seen = BatchObservation({}, zero.double(), zero.double(), zero, zero, zero, zero, peaks, where)
+            zero = torch.zeros(2, width)
+            seen = BatchObservation({}, zero.double(), zero.double(), zero, zero, zero, zero,
+                                    torch.stack([peaks, peaks.flip(1)]), torch.stack([where, where.flip(1)]))
             stats.add(seen, rows, torch.arange(first, first + rows))
             first += rows
-        merged[in_place] = stats.tops()
+        values, prompts, where = stats.tops()
+        assert all(torch.equal(t[1], t[0].flip(1)) for t in (values, prompts, where))  # layers kept apart
+        merged[in_place] = values[0], prompts[0], where[0]
     values = torch.cat(batches)
     expected, order = values.sort(dim=0, descending=True, stable=True)
     for got in merged.values():

@@ -51,8 +51,8 @@ def test_plan_of_a_7b_config_without_weights(llama_2_7b, tmp_path, capsys):
     layers = plan["parameters"] - 2 * 32000 * 4096
     assert 2 * layers * extract["forward_tokens"] <= extract["flops"] <= 2.2 * layers * extract["forward_tokens"]
     assert extract["seconds"] == pytest.approx(extract["flops"] / 100e12)
-    # Responses: every prompt x 3 poolings x 32 layers x (3 x 11008 + 4096) units x 2 bytes.
-    assert extract["written_bytes"] == plan["prompts"]["identification"] * 3 * 32 * (3 * 11008 + 4096) * 2
+    # Responses: every prompt x 1 pooling (the default) x 32 layers x (3 x 11008 + 4096) units x 2 bytes.
+    assert extract["written_bytes"] == plan["prompts"]["identification"] * 1 * 32 * (3 * 11008 + 4096) * 2
 
 
 def test_balanced_over_gpus_keeps_layers_whole(llama_2_7b, tmp_path):
@@ -163,3 +163,125 @@ def test_a_machine_without_a_gpu_driver_is_known_without_torch():
     probe = "import sys; from neuronmap.workflow import runs_on_cpu; print(runs_on_cpu('auto'), 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_decode_memory_holds_the_vocabulary_products_and_the_decoded_rows():
+    from types import SimpleNamespace
+
+    from neuronmap.plan.estimate import (ARROW_POOL, DECODE_CHUNK, DECODED_ROW_BYTES, DECODED_ROW_TOKEN_BYTES,
+                                         TOKEN_STRING_BYTES, decode_bytes, decode_host_bytes)
+    shape = SimpleNamespace(n_layers=2, hidden=8, intermediate=10, vocab=100)
+    settings = SimpleNamespace(decode_top_n=3, decode_sites=("up", "act"), norm_gain=(False, True))
+    # float32, no search: a layer's three vectors, the chunk's scores and the grouped top-k's copy.
+    assert decode_bytes(shape, 4, settings, searched=False) == 3 * 10 * 8 * 4 + 2 * DECODE_CHUNK * 100 * 4
+    # A bfloat16 search: its copy of the unembedding, the chunk's coarse scores and float32
+    # candidates, and the rows of max(4 x 3, 3 + 32) = 35 candidates gathered for rescoring.
+    assert decode_bytes(shape, 4, settings, searched=True) == (3 * 10 * 8 * 4 + 100 * 8 * 2 + DECODE_CHUNK * 100 * 6
+                                                             + DECODE_CHUNK * 35 * 8 * 4)
+    rows = 2 * 10 * 2 * 2
+    assert decode_host_bytes(shape, settings) == rows * (3 * DECODED_ROW_TOKEN_BYTES + DECODED_ROW_BYTES) \
+        + 100 * TOKEN_STRING_BYTES + ARROW_POOL
+
+
+def test_the_report_flags_a_job_whose_peak_is_more_than_a_quarter_off_its_plan():
+    import polars as pl
+
+    from neuronmap.report.data import plan_against_cost
+    MiB = 2 ** 20
+    plan = {"tflops": 1.0, "jobs": [
+        {"kind": "extract", "jobs": 2, "peak_bytes": {"cpu": 1000 * MiB}, "forward_tokens": 10, "seconds": 1.0},
+        {"kind": "decode", "jobs": 1, "peak_bytes": {"cpu": 1643 * MiB}, "forward_tokens": 0, "seconds": 1.0},
+        {"kind": "baseline", "jobs": 1, "peak_bytes": {"0": 9000 * MiB, "cpu": 2000 * MiB}, "forward_tokens": 5,
+         "seconds": 1.0},
+        {"kind": "ablate", "jobs": 1, "peak_bytes": {"cpu": 100 * MiB}, "forward_tokens": 5, "seconds": 1.0}]}
+    cost = pl.DataFrame({"stage": ["extract"], "tokens": [12], "seconds": [2.0]})
+    times = pl.DataFrame({"stage": ["extract", "decode", "baseline"], "max_rss_mb": [1100.0, 3835.0, 1400.0]})
+    table = plan_against_cost(plan, cost, times)
+    # The host's planned peak against the benchmark's max_rss; no benchmark, no verdict.
+    assert table["measured / planned"].to_list() == pytest.approx([1.1, 3835 / 1643, 0.7, None], nan_ok=True)
+    assert table["memory"].to_list() == ["ok", "off plan by more than 25%", "off plan by more than 25%", ""]
+    assert "memory" not in plan_against_cost(plan, cost).columns
+
+
+MEASURE_DECODE = """
+import sys
+import torch
+from neuronmap.io import tables
+from neuronmap.io.parquet import write_table
+from neuronmap.model.host_memory import return_large_buffers_to_the_os
+from neuronmap.model.loading import load_for_job
+from neuronmap.stats.decode import decode_neurons
+from neuronmap.stats.settings import DecodeSettings
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+settings = DecodeSettings.from_json(sys.argv[1])
+return_large_buffers_to_the_os()  # as `neuronmap decode` does
+model, tokenizer = load_for_job(sys.argv[2], settings.model, 2)
+loaded = status("VmRSS:")
+with torch.inference_mode():
+    table = decode_neurons(model, tokenizer, settings.sites, settings.norm_gain, settings.top_n, search=settings.search)
+write_table(table, sys.argv[3], tables.DECODED)
+print(loaded, status("VmHWM:"))
+"""
+
+
+@pytest.mark.e2e  # a decode job as a process, timed for its peak: make test only
+def test_decode_memory_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
+    """A small model whose vocabulary products outweigh its weights (64,000 tokens), so that the
+    estimate of what decoding holds is what is checked: the growth past the loaded model, and
+    the whole peak."""
+    import transformers as tf
+    from test_dispatch import char_tokenizer
+
+    from neuronmap.model.loading import prepare_model
+    from neuronmap.plan.estimate import RUNTIME
+    from neuronmap.stats.settings import DecodeSettings
+    source = tmp_path / "tiny"
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64000, max_position_embeddings=64, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    char_tokenizer(source)
+    prepare_model(str(source), tmp_path / "model")
+    run = {"model": str(source), "device": "cpu", "relations": RELATIONS, "decode": {"search": "float32"}}
+    settings = DecodeSettings.from_config(validated(run)).to_json()
+    result = subprocess.run([sys.executable, "-c", MEASURE_DECODE, settings, str(tmp_path / "model"),
+                             str(tmp_path / "decoded.parquet")], capture_output=True, text=True, cwd=REPO,
+                            timeout=900, env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+                                              "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, peak = map(int, result.stdout.split()[-2:])
+    assert run_plan(run, tmp_path / "plan.json", tmp_path / "model") == 0
+    decode = json.loads((tmp_path / "plan.json").read_text())["jobs"][3]
+    # What decoding holds beside the loaded model: its vocabulary products and its rows.
+    planned_growth = decode["peak_bytes"]["cpu"] - decode["weights_bytes"]["cpu"] - RUNTIME
+    print(f"decode: loaded {loaded / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB; planned peak "
+          f"{decode['peak_bytes']['cpu'] / 2**20:.0f} MiB, planned growth {planned_growth / 2**20:.0f} MiB")
+    assert abs(planned_growth - (peak - loaded)) <= 0.25 * (peak - loaded)
+    assert abs(decode["peak_bytes"]["cpu"] - peak) <= 0.25 * peak
+
+
+def test_explain_cost_per_unit_follows_the_settings(tmp_path):
+    """The explain stage's tokens per unit: the scorer's prompts are 3 descriptions x 2 x
+    score_contexts, each one template, one excerpt and one description; a longer window adds
+    2 tokens per shown excerpt and per scored prompt; time at the configured rate."""
+    from neuronmap.config.schema import defaults
+    from neuronmap.plan.explain_cost import explain_cost
+    explain = {**defaults()["explain"], "enabled": True}
+    (tmp_path / "t.txt").write_text("x" * 400)  # 100 tokens at 4 characters each
+    explain |= {"prompt_template": str(tmp_path / "t.txt"), "score_template": str(tmp_path / "t.txt")}
+    base = explain_cost(explain, parameters=10 ** 9, tflops=1.0)
+    wider = explain_cost({**explain, "window": explain["window"] + 1}, parameters=10 ** 9, tflops=1.0)
+    shown = explain["top_examples"] + explain["quantile_examples"]
+    assert base["scorer_prompts"] == base["scorer_completion_tokens"] == 6 * explain["score_contexts"]
+    assert wider["explainer_prompt_tokens"] - base["explainer_prompt_tokens"] == 2 * shown
+    assert wider["scorer_prompt_tokens"] - base["scorer_prompt_tokens"] == 2 * base["scorer_prompts"]
+    assert base["explainer_prompt_tokens"] > 100 + shown * (2 * explain["window"] + 1)
+    assert base["tokens_per_second"] == 500.0 and base["rate_from"] == "plan.tflops"  # 1e12 / (2 x 1e9)
+    total = sum(base[k] for k in ("explainer_prompt_tokens", "explainer_completion_tokens", "scorer_prompt_tokens",
+                                  "scorer_completion_tokens"))
+    assert base["seconds_per_unit"] == pytest.approx(total / 500.0)
+    served = explain_cost({**explain, "tokens_per_second": 2000.0}, parameters=10 ** 9, tflops=1.0)
+    assert served["rate_from"] == "explain.tokens_per_second" and served["seconds_per_unit"] == pytest.approx(total / 2000)
+    shipped = explain_cost({**explain, "prompt_template": None, "score_template": None}, 10 ** 9, 1.0)
+    assert shipped["scorer_prompt_tokens"] > base["scorer_prompts"] * (2 * explain["window"] + 1)

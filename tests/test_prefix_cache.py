@@ -110,7 +110,8 @@ def manual_query_responses(model, tokenizer, prefix, text):
 def test_query_pooling_equals_manual_computation_over_the_asked_fact(smollm2, prompts, tmp_path, fused):
     model, tokenizer = smollm2
     chosen = prompts.filter(pl.col("split") == "identification").head(8)
-    settings = ExtractionSettings.defaults(response_dtype="float32", batch_size=3, fused_statistics=fused)
+    settings = ExtractionSettings.defaults(response_dtype="float32", batch_size=3, fused_statistics=fused,
+                                           poolings=("mean", "max", "last"))
     outputs = ExtractionOutputs(tmp_path / "r.parquet", tmp_path / "s.parquet", tmp_path / "t.parquet")
     extraction = Extraction(model, tokenizer, chosen["prompt_id"].to_list(), chosen["text"].to_list(), settings,
                             chosen["prefix"].to_list())

@@ -309,8 +309,9 @@ def test_report_job_reads_what_the_config_runs(case, tmp_path):
                       "labels": {"enabled": False}}
         parts = {"model", "corpus"}
     else:
-        run_config = {**yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text()), "run": "report-all"}
-        parts = {"model", "study", "corpus", "labels"}
+        run_config = {**yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text()), "run": "report-all",
+                      "explain": {"enabled": True}}
+        parts = {"model", "study", "corpus", "labels", "explain"}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(run_config))
     result = run_snakemake(path, "--dry-run", "--printshellcmds", "--forceall", timeout=300)

@@ -60,3 +60,42 @@ def test_truncated_parquet_names_the_file(tmp_path):
         ResponseReader([path])
     with pytest.raises(NeuronmapError, match="corrupt or truncated"):
         read_table(path)
+
+
+def test_the_background_writer_writes_what_the_writer_writes(tmp_path):
+    from neuronmap.io.responses import BackgroundWriter
+    rng = np.random.default_rng(2)
+    batches = [(["a", "b"], rng.normal(size=(2, 2, 6)).astype(np.float16)),
+               (["c"], rng.normal(size=(2, 1, 6)).astype(np.float16))]
+    released = []
+    for name, background in (("plain", False), ("thread", True)):
+        writer = ResponseWriter(tmp_path / f"{name}.parquet", {"gate": 6}, 2, ["mean"])
+        if background:
+            writer = BackgroundWriter(writer, depth=1)
+        for ids, values in batches:
+            if background:
+                writer.write_batch(ids, [3] * len(ids), lambda v=values: {("mean", "gate"): v},
+                                   lambda i=ids: released.append(i))
+            else:
+                writer.write_batch(ids, [3] * len(ids), {("mean", "gate"): values})
+        writer.close()
+    assert released == [["a", "b"], ["c"]]  # every batch's buffers handed back, in order
+    assert read_table(tmp_path / "plain.parquet").equals(read_table(tmp_path / "thread.parquet"))
+
+
+def test_an_error_in_the_writer_thread_is_raised_and_every_batch_released(tmp_path):
+    from neuronmap.io.responses import BackgroundWriter
+    writer = BackgroundWriter(ResponseWriter(tmp_path / "a.parquet", {"gate": 6}, 2, ["mean"]), depth=1)
+    released = []
+
+    def broken():
+        raise OSError("disk full")
+    queued = []
+    with pytest.raises(OSError, match="disk full"):
+        try:
+            for i in range(5):  # raised by a later batch, or at the latest by close
+                writer.write_batch([f"b{i}"], [1], broken, lambda i=i: released.append(i))
+                queued.append(i)
+        finally:
+            writer.close()
+    assert released == queued and not writer._thread.is_alive()  # nothing held back, no thread left

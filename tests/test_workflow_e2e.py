@@ -14,7 +14,7 @@ from conftest import REPO, run_snakemake
 
 RELATIONS = ["country_capital_city", "verb_past_tense"]
 RESPONSES = tables.responses(pa.float16(), {"gate": 1536, "up": 1536, "act": 1536, "down": 576}, 30,
-                              ["mean", "max", "last"])
+                              ["mean"])  # the default poolings
 # Each context's mean response at labels.sites (gate by default), for the AP selection.
 CONTEXT_RESPONSES = tables.responses(pa.float16(), {"gate": 1536}, 30, ["mean"])
 

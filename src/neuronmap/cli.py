@@ -29,6 +29,7 @@ COMMANDS = {
     "corpus-contexts": "corpus", "corpus-records": "corpus", "corpus-merge": "corpus",
     "label-select": "labels", "label-perplexity": "labels",
     "atlas-index": "atlas", "atlas": "atlas",
+    "explain-units": "explain", "explain": "explain", "explain-score": "explain", "explain-merge": "explain",
 }
 
 

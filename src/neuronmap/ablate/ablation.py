@@ -21,6 +21,7 @@ from ..errors import NeuronmapError
 from ..maths.draws import relation_rng
 from ..model.architectures import MlpSites
 from ..model.deactivation import Deactivation, UnitSet, deactivated, random_units
+from ..model.generation import configs_per_batch_for  # ablate/commands.py imports it from here
 from .evaluation import EvaluationSettings, generate, generate_sweep, is_correct
 
 log = logging.getLogger(__name__)
@@ -128,16 +129,6 @@ def prediction_frame(ablation: Ablation, prompts: pl.DataFrame, generated: Seque
     if "language" in prompts.columns:
         frame = frame.with_columns(language=prompts["language"])
     return frame
-
-
-def configs_per_batch_for(setting: int | str, device: torch.device) -> int:
-    """`ablation.configs_per_batch` on this device. On the CPU a forward pass of batch_size
-    prompts is already compute-bound, and 12 x 16 rows ran 0.94x the speed of 12 forwards of
-    16 (bench/ablate.py, 2 cores): there, one configuration per batch. A GPU is underused by
-    16 prompts, so configurations share its batches."""
-    if setting != "auto":
-        return int(setting)
-    return 1 if device.type == "cpu" else 12
 
 
 def evaluate(model, tokenizer, test_prompts: pl.DataFrame, ablation: Ablation,

@@ -18,8 +18,8 @@ from ..model.architectures import MlpSites
 from ..model.batching import length_sorted_batches
 from ..model.deactivation import Deactivation, RowDeactivation
 from ..model.dispatch import input_device
-from ..model.prefix_cache import (SharedPrefixes, forward_prefixes, positions_of, returned_cache,
-                                  split_prompts, with_cache)
+from ..model.generation import greedy
+from ..model.prefix_cache import forward_prefixes, split_prompts
 from .settings import EvaluationSettings
 
 
@@ -87,53 +87,3 @@ def generate_sweep(model, tokenizer, prefixes: Sequence[str], texts: Sequence[st
                         outputs[config][i] = text
                 progress.update()
     return outputs
-
-
-def greedy(model, tokenizer, shared: SharedPrefixes | None, prefix_rows: torch.Tensor,
-           queries: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-    """Greedy decoding of each query after its cached prefix (row prefix_rows[i] of `shared`; a
-    negative row: none), as `model.generate` does it: queries left-padded (the padding between
-    prefix and query masked out), positions counted over the attended tokens, rows that
-    produced an end-of-sequence token padded from then on."""
-    device = input_device(model)
-    longest, rows = max(len(q) for q in queries), len(queries)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((rows, longest), pad, dtype=torch.long)
-    attention = torch.zeros((rows, longest), dtype=torch.long)
-    for i, query in enumerate(queries):
-        ids[i, longest - len(query):] = torch.as_tensor(list(query))
-        attention[i, longest - len(query):] = 1
-    ids, attention = ids.to(device), attention.to(device)
-    cache = None
-    if shared is not None and bool((prefix_rows >= 0).any()):
-        cache, prefix_mask = shared.rows(prefix_rows.clamp(min=0))
-        prefix_mask = prefix_mask * (prefix_rows >= 0).to(prefix_mask.device)[:, None]
-        attention = torch.cat([prefix_mask, attention], 1)
-    positions = positions_of(attention)[:, attention.shape[1] - longest:]
-    eos = torch.as_tensor(end_of_sequence_ids(model, tokenizer), dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated = []
-    for _ in range(max_new_tokens):
-        output = model(input_ids=ids, attention_mask=attention, position_ids=positions, **with_cache(model, cache),
-                       logits_to_keep=1)
-        cache = returned_cache(model, output)
-        token = output.logits[:, -1].float().argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        generated.append(token)
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()):
-            break
-        ids, positions = token[:, None], positions[:, -1:] + 1
-        attention = torch.cat([attention, attention.new_ones(rows, 1)], 1)
-    return tokenizer.batch_decode(torch.stack(generated, 1).cpu(), skip_special_tokens=True)
-
-
-def end_of_sequence_ids(model, tokenizer) -> list[int]:
-    """The tokens that end generation: the model's generation config's, else the tokenizer's."""
-    config = getattr(model, "generation_config", None)
-    found = getattr(config, "eos_token_id", None) if config is not None else None
-    if found is None:
-        found = tokenizer.eos_token_id
-    if found is None:
-        return []
-    return [found] if isinstance(found, int) else list(found)

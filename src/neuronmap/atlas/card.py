@@ -1,6 +1,7 @@
 """A unit's card: its row of the index, and what only the per-layer files hold (the histogram,
 the top and bottom contexts, the peak tokens with their counts, the label records and selections),
-read for that unit's layer alone when the card opens."""
+read for that unit's layer alone when the card opens; and where the explain stage ran, the unit's
+explanations with their scores and the shuffled control's (small files, read whole once)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from .query import Index
 EXAMPLE_COLUMNS = ["rank", "value", "context_id", "document", "label", "position", "token_id", "token", "before",
                    "after"]
 LABEL_COLUMNS = ["label", "tokens", "contexts", "mean", "firing_rate", "n_positive"]
+SCORE_COLUMNS = ["scorer", "contexts", "activating", "true_positive_rate", "true_negative_rate", "balanced_accuracy",
+                 "auc"]
+EXPLAINERS = ("model", "baseline", "shuffled")  # the card's order
 CACHED_GROUPS = 12  # row groups kept in memory, all files together (a few layers of each)
 
 
@@ -36,6 +40,9 @@ class Cards:
         self.label_expertise = layered("label_expertise", ["site", "layer", "unit", "label", "ap", "rank"])
         self.label_units_path = run / sources["label_units"] if "label_units" in sources else None
         self._label_units: pl.DataFrame | None = None
+        self.explain_paths = {name: run / sources[name] for name in ("explanations", "explain_scores")
+                              if name in sources}
+        self._explain: dict[str, pl.DataFrame] | None = None
         self._lock = threading.Lock()
 
     def card(self, site: str, layer: int, unit: int) -> dict | None:
@@ -53,6 +60,7 @@ class Cards:
             "relations": {relation: row[f"ap:{relation}"] for relation in metadata["relations"]},
             "labels": self.labels(site, layer, unit),
             "selections": self.selections(site, layer, unit),
+            "explanations": self.explanations(site, layer, unit),
         })
 
     def histogram(self, site: str, layer: int, unit: int) -> dict | None:
@@ -98,6 +106,42 @@ class Cards:
         rows = self._label_units.filter((pl.col("site") == site) & (pl.col("layer") == layer)
                                         & (pl.col("unit") == unit))
         return rows.select("method", "label", "rank", "score").sort("method", "label").to_dicts()
+
+
+    def explanations(self, site: str, layer: int, unit: int) -> list[dict] | None:
+        """The unit's explanations (model, baseline) and the shuffled control (another unit's
+        explanation, named by explanation_of), each with its score by each scorer (null: not
+        scored); None where the explain stage did not run."""
+        if "explanations" not in self.explain_paths:
+            return None
+        with self._lock:
+            if self._explain is None:  # the explained units alone: read whole, once
+                self._explain = {name: read_table(path) for name, path in self.explain_paths.items()}
+        texts = self._explain["explanations"]
+        mine = (pl.col("site") == site) & (pl.col("layer") == layer) & (pl.col("unit") == unit)
+        own = {e: t for e, t in texts.filter(mine).select("explainer", "explanation").rows()}
+        scores = self._explain.get("explain_scores")
+        scored = (scores.filter(mine).sort("explainer", "scorer").to_dicts() if scores is not None else [])
+        name = f"{site}/{layer}/{unit}"
+        out = []
+        for explainer in EXPLAINERS:
+            rows = [r for r in scored if r["explainer"] == explainer]
+            if explainer != "shuffled" and explainer in own and not rows:
+                rows = [{"explanation_of": name, **{c: None for c in SCORE_COLUMNS}}]
+            for r in rows:
+                of = r["explanation_of"]
+                text = own.get(explainer) if of == name else _explanation_of(texts, of)
+                out.append({"explainer": explainer, "explanation": text, "explanation_of": of,
+                            **{c: r[c] for c in SCORE_COLUMNS}})
+        return out
+
+
+def _explanation_of(texts: pl.DataFrame, name: str) -> str | None:
+    """Another unit's explanation (the model's, else the baseline's): what the shuffled control scored."""
+    site, layer, unit = name.rsplit("/", 2)
+    rows = dict(texts.filter((pl.col("site") == site) & (pl.col("layer") == int(layer)) & (pl.col("unit") == int(unit)))
+                .select("explainer", "explanation").rows())
+    return rows.get("model") or rows.get("baseline")
 
 
 def _rows(source: LayeredFile | None, site, layer, unit, columns, order) -> list[dict] | None:

@@ -13,7 +13,7 @@ log = logging.getLogger("neuronmap")
 SETTINGS: dict = {}
 
 SOURCES = ("units", "examples", "peak_tokens", "neuron_stats", "decoded", "label_records", "label_units",
-           "label_expertise")
+           "label_expertise", "explanations", "explain_scores")
 
 
 def cmd_atlas_index(args) -> None:
@@ -30,7 +30,7 @@ def cmd_atlas_index(args) -> None:
         given = {name: _one(name, getattr(args, name)) for name in SOURCES}
         expertise = {Path(p).name.removesuffix(".parquet"): Path(p) for p in args.expertise or []}
         sources = AtlasSources(**given, expertise=expertise)
-    for name in ("examples", "label_expertise"):  # read by the cards, not here: say now if they are missing
+    for name in ("examples", "label_expertise", "explain_scores"):  # read by the cards too: say now if missing
         path = getattr(sources, name)
         if path is not None and not Path(path).is_file():
             raise NeuronmapError(f"{path}: file not found")

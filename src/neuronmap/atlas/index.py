@@ -46,11 +46,14 @@ class AtlasSources:
     label_records: Path | None = None   # labels/label_records.parquet
     label_units: Path | None = None     # labels/label_units.parquet
     label_expertise: Path | None = None  # labels/label_expertise.parquet (cards only)
+    explanations: Path | None = None    # explain/explanations.parquet
+    explain_scores: Path | None = None  # explain/scores.parquet
 
     FILES = {"units": "corpus/units.parquet", "examples": "corpus/examples.parquet",
              "peak_tokens": "corpus/peak_tokens.parquet", "neuron_stats": "neuron_stats.parquet",
              "decoded": "decoded.parquet", "label_records": "labels/label_records.parquet",
-             "label_units": "labels/label_units.parquet", "label_expertise": "labels/label_expertise.parquet"}
+             "label_units": "labels/label_units.parquet", "label_expertise": "labels/label_expertise.parquet",
+             "explanations": "explain/explanations.parquet", "explain_scores": "explain/scores.parquet"}
 
     @classmethod
     def found_in(cls, run: Path) -> AtlasSources:
@@ -116,8 +119,35 @@ def label_selections(path: Path) -> pl.DataFrame:
     return selected
 
 
+def explanations(path: Path, scores: Path | None) -> pl.DataFrame:
+    """Per explained unit: the explainer model's description (the baseline's where the model gave
+    none), the baseline's, and each one's balanced accuracy (the mean over scorers where several
+    judged it; null where none did)."""
+    texts = read_table(path, KEY + ["explainer", "explanation"])
+    wide = texts.filter(pl.col("explainer").is_in(["model", "baseline"])).pivot(
+        on="explainer", index=KEY, values="explanation", aggregate_function="first")
+    if scores is not None:
+        accuracy = (read_table(scores, KEY + ["explainer", "balanced_accuracy"])
+                    .filter(pl.col("explainer").is_in(["model", "baseline"]))
+                    .group_by(KEY + ["explainer"]).agg(pl.col("balanced_accuracy").mean())
+                    .with_columns(pl.col("explainer") + "_score")
+                    .pivot(on="explainer", index=KEY, values="balanced_accuracy"))
+        wide = wide.join(accuracy, on=KEY, how="left")
+    for name, dtype in (("model", pl.String), ("baseline", pl.String), ("model_score", pl.Float64),
+                        ("baseline_score", pl.Float64)):
+        if name not in wide.columns:  # no such explainer (explainer.backend none), or no scores
+            wide = wide.with_columns(pl.lit(None, dtype).alias(name))
+    # An empty model answer counts as none: the baseline's description stands in.
+    has_model = pl.col("model").is_not_null() & (pl.col("model").str.strip_chars() != "")
+    return wide.select(
+        *KEY,
+        explanation=pl.when(has_model).then(pl.col("model")).otherwise(pl.col("baseline")),
+        explanation_score=pl.when(has_model).then(pl.col("model_score")).otherwise(pl.col("baseline_score")),
+        baseline_explanation=pl.col("baseline"), baseline_score=pl.col("baseline_score"))
+
+
 def build_index(sources: AtlasSources) -> tuple[pl.DataFrame, dict]:
-    """The index (schema tables.atlas_units(relations, labels)) and its metadata."""
+    """The index (schema tables.atlas_units(relations, labels, explained)) and its metadata."""
     index, records = statistics(sources)
     joins = []
     if sources.peak_tokens is not None:
@@ -132,13 +162,16 @@ def build_index(sources: AtlasSources) -> tuple[pl.DataFrame, dict]:
         joins.append(rates)
     if sources.label_units is not None:
         joins.append(label_selections(sources.label_units))
+    explained = sources.explanations is not None
+    if explained:
+        joins.append(explanations(sources.explanations, sources.explain_scores))
     for part in joins:
         index = index.join(part, on=KEY, how="left")
-    schema = tables.atlas_units(relations, labels)
+    schema = tables.atlas_units(relations, labels, explained)
     dtypes = pl.from_arrow(schema.empty_table()).schema
     index = index.with_columns([pl.lit(None, dtype=dtypes[name]).alias(name) for name in schema.names
                                 if name not in index.columns])
-    metadata = {"records": records, "relations": relations, "labels": labels}
+    metadata = {"records": records, "relations": relations, "labels": labels, "explained": explained}
     if sources.units is not None:
         from ..io.histogram import bin_edges
         lower, upper = bin_edges()
@@ -151,7 +184,7 @@ def build_index(sources: AtlasSources) -> tuple[pl.DataFrame, dict]:
 def write_index(index: pl.DataFrame, metadata: dict, out: Path, sources: AtlasSources) -> None:
     run = Path(out).resolve().parent.parent
     metadata = {**metadata, "sources": sources.relative_to(run)}
-    schema = tables.atlas_units(metadata["relations"], metadata["labels"])
+    schema = tables.atlas_units(metadata["relations"], metadata["labels"], metadata.get("explained", False))
     table = index.to_arrow().select(schema.names).cast(schema)
     write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out)
 

@@ -2,13 +2,16 @@
 
 Token search matches the tokens a unit peaks on in the corpus (peak_tokens) and its decoded
 tokens: by default a whole token, ignoring case and the spaces around it (`hat` finds ` hat` and
-`Hat`); with match=substring, any token containing the text. NaN (the skewness of a constant
+`Hat`); with match=substring, any token containing the text. Explanation search (where the explain
+stage ran) keeps the units whose explanation or baseline explanation holds every word given,
+ignoring case. NaN (the skewness of a constant
 unit) never passes a range filter and sorts last, like a missing value.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,11 @@ from .index import KEY, read_metadata
 SEPARATOR = "\x1f"  # between a unit's tokens in the search columns; no token holds it
 LIST_COLUMNS = ("peak_tokens", "decoded_tokens")  # the card shows them; the table shows the first
 MAX_LIMIT = 1000
+# Integers in a request (layer, unit, offset, limit) are plain decimal digits up to 2**53 - 1, the
+# largest a browser's JSON keeps exact; a bigger one once reached polars as an overflow and dropped
+# the connection without an answer.
+MAX_INTEGER = 2**53 - 1
+DIGITS = re.compile(r"[0-9]{1,16}")
 
 
 class QueryError(NeuronmapError):
@@ -37,6 +45,10 @@ def _search_columns(frame: pl.DataFrame) -> pl.DataFrame:
         stripped = pl.col(source).list.eval(pl.element().str.strip_chars().str.to_lowercase())
         columns += [lower.list.join(SEPARATOR).fill_null("").alias(f"{prefix}_text"),
                     (SEPARATOR + stripped.list.join(SEPARATOR) + SEPARATOR).fill_null("").alias(f"{prefix}_exact")]
+    if "explanation" in frame.columns:
+        both = pl.concat_str([pl.col("explanation").fill_null(""), pl.col("baseline_explanation").fill_null("")],
+                             separator=SEPARATOR)
+        columns.append(both.str.to_lowercase().alias("_explanation_text"))
     return frame.with_columns(columns)
 
 
@@ -79,6 +91,7 @@ class Index:
                 "layers": sorted(self.frame["layer"].unique().to_list()),
                 "relations": self.metadata["relations"], "labels": self.metadata["labels"],
                 "records": self.metadata["records"], "sources": self.metadata.get("sources", {}),
+                "explained": self.metadata.get("explained", False),
                 "run": self.path.resolve().parent.parent.name}
 
     def row(self, site: str, layer: int, unit: int) -> dict | None:
@@ -98,6 +111,8 @@ class Index:
             frame = frame.filter(self._token_match(one["token"], one.get("match", "token"), one.get("in", "both")))
         if "label" in one:
             frame = frame.filter(self._label_match(one["label"], one.get("method", "")))
+        if "explanation" in one:
+            frame = frame.filter(self._explanation_match(one["explanation"]))
         for text in params.get("filter", []):
             if text:
                 frame = frame.filter(self._range(text))
@@ -108,10 +123,10 @@ class Index:
 
     def units(self, params: dict[str, list[str]]) -> dict:
         """/api/units: one page of the selected rows (the token lists left to the card)."""
-        offset = _integers("offset", params.get("offset", ["0"])[-1] or "0")[0]
-        limit = _integers("limit", params.get("limit", ["50"])[-1] or "50")[0]
-        if offset < 0 or not 0 < limit <= MAX_LIMIT:
-            raise QueryError(f"offset must be >= 0 and limit in 1..{MAX_LIMIT} (got {offset}, {limit})")
+        offset = integer("offset", params.get("offset", ["0"])[-1] or "0")
+        limit = integer("limit", params.get("limit", ["50"])[-1] or "50")
+        if not 0 < limit <= MAX_LIMIT:
+            raise QueryError(f"limit must be in 1..{MAX_LIMIT} (got {limit})")
         selected = self.select(params)
         columns = [c for c in self.columns if c not in LIST_COLUMNS]
         page = selected.slice(offset, limit).select(columns)
@@ -136,6 +151,14 @@ class Index:
         if columns is None:
             raise QueryError(f"method must be lape or ap (got {method!r})")
         return pl.any_horizontal([pl.col(c).list.contains(label).fill_null(False) for c in columns])
+
+    def _explanation_match(self, text: str) -> pl.Expr:
+        if "_explanation_text" not in self.frame.columns:
+            raise QueryError("explanation: this run has no explanations (the explain stage did not run)")
+        words = text.replace(SEPARATOR, "").lower().split()
+        if not words:
+            return pl.lit(True)
+        return pl.all_horizontal([pl.col("_explanation_text").str.contains(w, literal=True) for w in words])
 
     def _range(self, text: str) -> pl.Expr:
         """`column:min:max`, either bound empty for none (column names may hold colons)."""
@@ -165,11 +188,20 @@ class Index:
         return value
 
 
-def _integers(name: str, text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise QueryError(f"{name} must be an integer or a comma-separated list of them (got {text!r})") from None
+def _integers(name: str, text: str, many: bool = True) -> list[int]:
+    """Non-negative integers, comma-separated where `many`; anything else names the parameter (no
+    int(): it takes spaces, underscores and other scripts' digits)."""
+    parts = text.split(",") if many else [text]
+    if not all(DIGITS.fullmatch(part) and int(part) <= MAX_INTEGER for part in parts):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        what = "or a comma-separated list of them " if many else ""
+        raise QueryError(f"{name} must be an integer in 0..{MAX_INTEGER} {what}(got {shown!r})")
+    return [int(part) for part in parts]
+
+
+def integer(name: str, text: str) -> int:
+    """One integer of a request's path or query (as _integers)."""
+    return _integers(name, text, many=False)[0]
 
 
 def _finite(value):

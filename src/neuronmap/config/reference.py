@@ -37,13 +37,20 @@ def reference(schema: dict | None = None, schema_path: str | Path = SCHEMA_PATH)
     ]
     top = {name: spec for name, spec in properties.items() if not _is_section(spec)}
     lines += _table(top, prefix="")
+    _sections(properties, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _sections(properties: dict, prefix: str, lines: list[str]) -> None:
+    """A section per group of keys, its nested groups (explain.explainer) after it."""
     for name, spec in properties.items():
         if _is_section(spec):
-            lines += ["", f"## `{name}`", ""]
+            lines += ["", f"## `{prefix}{name}`", ""]
             if spec.get("description"):
                 lines += [_text(spec["description"]), ""]
-            lines += _table(spec["properties"], prefix=f"{name}.")
-    return "\n".join(lines) + "\n"
+            lines += _table({n: s for n, s in spec["properties"].items() if not _is_section(s)},
+                            prefix=f"{prefix}{name}.")
+            _sections(spec["properties"], f"{prefix}{name}.", lines)
 
 
 def _is_section(spec: dict) -> bool:

@@ -4,7 +4,10 @@ memory holds one batch's activations and the records, never the corpus.
 
 Every batch has the same shape (batch_size contexts padded to context_tokens), so the first
 batch shows whether memory suffices and the allocator reuses the same buffers batch after
-batch. Every `checkpoint_minutes` the running records are saved (atomically, beside the
+batch. On a GPU (or wherever the C kernel does not run) a site's layers are reduced together
+(reductions.TorchRecords): the per-row tensors reach the device once per batch, the hooks hand
+over activations, and nothing reads a device value until the responses of a batch (with labels)
+or a checkpoint. Every `checkpoint_minutes` the running records are saved (atomically, beside the
 outputs): a killed job restarts from there and ends with the records an uninterrupted run
 gives, since the remaining batches are the same batches in the same order.
 """
@@ -34,7 +37,8 @@ from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import is_out_of_memory
 from ..model.dispatch import input_device, site_device
-from .reductions import SiteRecords, key_contexts, key_values
+from . import native
+from .reductions import Batch, SiteRecords, TorchRecords, key_contexts, key_values
 from .settings import RecordsSettings
 
 log = logging.getLogger(__name__)
@@ -74,19 +78,43 @@ class RecordsPass:
         self.sites.check(settings.sites)
         # Labels of the whole corpus, so that every shard numbers them alike.
         self.labels = list(labels or [])
-        self.row_labels = torch.tensor(
-            self.contexts["label"].replace_strict(self.labels, list(range(len(self.labels))), default=-1,
-                                                  return_dtype=pl.Int64).to_list()) if self.labels else None
+        self.row_labels = self.contexts["label"].replace_strict(
+            self.labels, list(range(len(self.labels))), default=-1, return_dtype=pl.Int64).to_numpy() \
+            if self.labels else None
         self.response_sites = tuple(response_sites)
-        self.records = {(site, layer): SiteRecords(self.sites.width(site), max(settings.peak_token_contexts, settings.examples),
-                                                   settings.examples, settings.active_threshold,
-                                                   site_device(self.sites, site, layer), len(self.labels))
-                        for layer in range(self.sites.n_layers) for site in settings.sites}
+        self.records, self.stacks = self._make_records()
         missing = set(self.response_sites) - set(settings.sites)
         if missing:
             raise NeuronmapError(f"labels.sites {sorted(missing)} are not among the recorded sites {list(settings.sites)}")
         self.batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.tokens = 0
+
+    def _make_records(self):
+        """(site, layer) -> its records: the kernel's per layer where the layer runs on the CPU and
+        the kernel compiled, else a view of the TorchRecords of the site's consecutive layers on
+        that device (`stacks`: (site, layers, TorchRecords), reduced together)."""
+        settings, n_layers = self.settings, self.sites.n_layers
+        top, bottom = max(settings.peak_token_contexts, settings.examples), settings.examples
+        kernel = native.load()
+        records, stacks = {}, []
+        for site in settings.sites:
+            width, groups = self.sites.width(site), []  # (device, consecutive layers)
+            for layer in range(n_layers):
+                device = site_device(self.sites, site, layer)
+                if device.type == "cpu" and kernel is not None:
+                    records[(site, layer)] = SiteRecords(width, top, bottom, settings.active_threshold, device,
+                                                         len(self.labels))
+                elif groups and groups[-1][0] == device and groups[-1][1][-1] == layer - 1:
+                    groups[-1][1].append(layer)
+                else:
+                    groups.append((device, [layer]))
+            for device, layers in groups:
+                chunk = TorchRecords.chunk_for(len(layers), settings.batch_size, self.context_tokens, width)
+                stack = TorchRecords(len(layers), width, top, bottom, settings.active_threshold, device,
+                                     len(self.labels), chunk)
+                stacks.append((site, layers, stack))
+                records.update({(site, layer): stack.layer(i) for i, layer in enumerate(layers)})
+        return records, stacks
 
     def batches(self) -> list[tuple[int, int]]:
         size = self.settings.batch_size
@@ -139,16 +167,25 @@ class RecordsPass:
         log.info("records of %d contexts (%d tokens) in %d batches", self.contexts.height, self.tokens, len(batches))
         return self.tokens
 
-    def _forward(self, rows: list, contexts: np.ndarray, labels: torch.Tensor | None) -> None:
-        ids = torch.full((len(rows), self.context_tokens), self.pad, dtype=torch.long)
-        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    def _forward(self, rows: list, contexts: np.ndarray, labels: np.ndarray | None) -> None:
+        # The batch is built in numpy: on the host, nothing here is a device tensor to wait for.
+        lengths = np.array([len(row) for row in rows], np.int64)
+        ids = np.full((len(rows), self.context_tokens), self.pad, np.int64)
         for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention = (torch.arange(self.context_tokens)[None, :] < lengths[:, None]).long()
-        self.batch = (lengths, torch.from_numpy(np.array(contexts, np.int64)), labels)
+            ids[i, :len(row)] = row
+        attention = (np.arange(self.context_tokens)[None, :] < lengths[:, None]).astype(np.int64)
+        contexts = np.asarray(contexts, np.int64)
+        if any(isinstance(records, SiteRecords) for records in self.records.values()):  # the kernel's, on the host
+            self.batch = (torch.from_numpy(lengths), torch.from_numpy(contexts.copy()),
+                          None if labels is None else torch.from_numpy(labels.copy()))
+        uploaded = {}
+        for _, _, stack in self.stacks:
+            if stack.device not in uploaded:
+                uploaded[stack.device] = Batch.upload(lengths, contexts, labels, self.context_tokens, stack.device)
+            stack.begin(uploaded[stack.device])
         try:
-            self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False,
-                       logits_to_keep=1)
+            self.model(input_ids=_to_device(ids, self.device), attention_mask=_to_device(attention, self.device),
+                       use_cache=False, logits_to_keep=1)
         except RuntimeError as error:
             if is_out_of_memory(error):
                 # Records already hold part of this batch: a retry would count it twice. Every
@@ -162,8 +199,13 @@ class RecordsPass:
         handles = []
         try:
             for (site, layer), records in self.records.items():
-                point = self.sites.point(site, layer)
-                handles.append(point.register(self._hook(records, point.is_input)))
+                if isinstance(records, SiteRecords):
+                    point = self.sites.point(site, layer)
+                    handles.append(point.register(self._hook(records, point.is_input)))
+            for site, layers, stack in self.stacks:
+                for index, layer in enumerate(layers):
+                    point = self.sites.point(site, layer)
+                    handles.append(point.register(self._stack_hook(stack, index, point.is_input)))
             yield
         finally:
             for handle in handles:
@@ -176,6 +218,12 @@ class RecordsPass:
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(lengths.shape[0], self.context_tokens, -1)
             records.add(x, lengths, contexts, labels)
+        return read
+
+    @staticmethod
+    def _stack_hook(stack: TorchRecords, index: int, is_input: bool):
+        def read(module, args, output=None):
+            stack.put(index, args[0] if is_input else output)
         return read
 
     def _open_spill(self, path: Path, rows_done: int):
@@ -195,9 +243,18 @@ class RecordsPass:
     def _spill_responses(self, spill, rows: int) -> None:
         if not self.response_sites:
             return
-        parts = [self.records[(site, layer)].row_means[:rows].to(torch.float16)
-                 for site in self.response_sites for layer in range(self.sites.n_layers)]
-        spill.write(torch.cat(parts, dim=1).numpy().tobytes())
+        parts = []
+        for site in self.response_sites:
+            # [rows, layers * width] per site, layer after layer: a TorchRecords' layers at once.
+            pieces = [(layers[0], stack.row_means[:, :rows].to(torch.float16).permute(1, 0, 2).reshape(rows, -1))
+                      for s, layers, stack in self.stacks if s == site]
+            pieces += [(layer, self.records[(site, layer)].row_means[:rows].to(torch.float16))
+                       for layer in range(self.sites.n_layers) if isinstance(self.records[(site, layer)], SiteRecords)]
+            parts += [piece for _, piece in sorted(pieces, key=lambda p: p[0])]
+        # The batch's one copy from the device (where the records are all on one).
+        if len({part.device for part in parts}) > 1:
+            parts = [part.cpu() for part in parts]
+        spill.write(torch.cat(parts, dim=1).cpu().numpy().tobytes())
 
     def _write_responses(self, spill: Path, out: Path, chunk: int = 256) -> None:
         """The spilled rows as a responses file (io/responses.py), `chunk` contexts at a time."""
@@ -294,6 +351,14 @@ class RecordsPass:
                         "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()},
                         schema=tables.EXTREMES_PARTIAL))
             yield pa.concat_tables(parts)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: from pinned memory without waiting, on a GPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _repeated(text: str, rows: int) -> pa.Array:

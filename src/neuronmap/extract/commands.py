@@ -72,16 +72,17 @@ def args_neuron_stats(p) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    """a bare forward pass over prompts: the rate cost.parquet compares each stage with"""
+    """bare forward passes of each stage's regime: the floors cost.parquet compares the stages with"""
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from ..model.cost import calibration
     from ..model.loading import load_for_job
-    prompts = read_table(args.prompts, ["prompt_id", "text"]).sort("prompt_id")
+    prompts = read_table(args.prompts, ["prompt_id", "relation", "shard", "split", "prefix", "text"])
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
-    bare = calibration(model, tokenizer, prompts["text"].to_list(), args.settings.batch_size)
-    log.info("bare forward: %d token positions in %.2f s, %.0f tokens/s", bare["tokens"][0], bare["seconds"][0],
-             bare["tokens"][0] / bare["seconds"][0])
+    bare = calibration(model, tokenizer, prompts, args.settings)
+    for row in bare.iter_rows(named=True):
+        log.info("bare forward, %s regime: %d token positions in %d forwards, %.2f s, %.0f tokens/s", row["job"],
+                 row["tokens"], row["forwards"], row["seconds"], row["tokens"] / row["seconds"])
     write_table(bare, args.out, tables.JOB_COST)
 
 

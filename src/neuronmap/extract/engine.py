@@ -14,11 +14,11 @@ from tqdm import tqdm
 from ..errors import NeuronmapError
 from ..io import tables
 from ..io.parquet import atomic_path, write_table
-from ..io.responses import ResponseWriter
+from ..io.responses import BackgroundWriter, ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import free_device_memory, is_out_of_memory, length_sorted_batches
-from ..model.hooks import SiteRecorder, TokenMask, runs_natively
-from ..model.dispatch import input_device, site_device
+from ..model.hooks import PinnedBuffers, SiteRecorder, TokenMask, runs_natively, to_device
+from ..model.dispatch import input_device
 from ..model.prefix_cache import (NO_PREFIX, SharedPrefixes, forward_prefixes, positions_of,
                                   split_prompts, with_cache)
 from .neuron_stats import UnitStats, partial_table, top_table
@@ -75,7 +75,7 @@ class Extraction:
     pooled and counted."""
 
     def __init__(self, model, tokenizer, prompt_ids: list[str], texts: list[str], settings: ExtractionSettings,
-                 prefixes: list[str] | None = None):
+                 prefixes: list[str] | None = None, background: bool | None = None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device = input_device(model)
         self.sites = MlpSites(model)
@@ -92,10 +92,18 @@ class Extraction:
         # A leading BOS only reaches the hooks in a prompt without a prefix.
         self.exclude_first = (not settings.include_bos and bos is not None
                               and all(ids and ids[0] == bos for ids in map(self.prompts.tokens, range(len(texts)))))
-        layers = range(self.sites.n_layers)
-        self.stats = {(site, layer): stats for site in settings.sites
-                      for layer, stats in zip(layers, UnitStats.for_layers(
-                          self.sites.width(site), settings.top_n, [site_device(self.sites, site, i) for i in layers]))}
+        # One running block per run of layers (every layer of a site on one device): a batch
+        # updates each with one set of calls.
+        self.stats = {(run.site, run.first):
+                      UnitStats(run.count, self.sites.width(run.site), settings.top_n, run.device)
+                      for run in self.recorder.runs}
+        # Responses are written by a thread (on CUDA by default), the device's copies of them
+        # landing in pinned memory; the C kernel's kept host blocks are reused from batch to
+        # batch, so they are written in the batch's own time.
+        if background is None:
+            background = self.device.type == "cuda"
+        self.background = background and not any(run.native for run in self.recorder.runs)
+        self.pinned = PinnedBuffers() if self.background else None
         self.tokens_forwarded = 0
 
     def run(self, outputs: ExtractionOutputs) -> None:
@@ -111,42 +119,50 @@ class Extraction:
         with atomic_path(outputs.responses) as tmp, self.recorder.installed(), torch.inference_mode():
             writer = ResponseWriter(tmp, widths, self.sites.n_layers, self.settings.poolings,
                                     self.settings.response_dtype)
+            if self.background:
+                writer = BackgroundWriter(writer)
             try:
                 for batch in tqdm(batches, desc=f"extract {outputs.responses.name}", unit="batch", mininterval=5):
                     self._run_batch(batch, shared, writer)
             finally:
                 writer.close()
             write_table(partial_table(self.stats), outputs.stats, tables.NEURON_STATS_PARTIAL)
-            write_table(top_table(self.stats, self.prompt_ids, self._tokens), outputs.top,
+            write_table(top_table(self.stats, self.prompt_ids, prompts.tokens, self._decode), outputs.top,
                         tables.TOP_ACTIVATIONS_PARTIAL)
         log.info("wrote responses of %d prompts in %d batches (%d distinct prefixes; %d tokens forwarded) to %s",
                  len(self.prompt_ids), len(batches), len(prompts.prefixes), self.tokens_forwarded,
                  outputs.responses)
 
-    def _tokens(self, prompt_index: int) -> list[str]:
-        return [self.tokenizer.decode([token]) for token in self.prompts.tokens(prompt_index)]
+    def _decode(self, token_ids: list[int]) -> list[str]:
+        """Each token's own string, as `decode([token])` gives it: one batched call per shard."""
+        return self.tokenizer.batch_decode([[token] for token in token_ids])
 
-    def _run_batch(self, batch: list[int], shared: SharedPrefixes | None, writer: ResponseWriter) -> None:
-        """Forward one batch; on a device out-of-memory, retry it in halves."""
+    def _run_batch(self, batch: list[int], shared: SharedPrefixes | None, writer) -> None:
+        """Forward one batch; on a device out-of-memory, retry it in halves. Everything the host
+        needs (lengths, token counts) it knows already; what the device needs goes there once."""
         prompts = self.prompts
-        encoded = pad_right([prompts.queries[i] for i in batch], self.device, self.tokenizer.pad_token_id)
+        rows = [prompts.queries[i] for i in batch]
+        encoded = pad_right(rows, self.device, self.tokenizer.pad_token_id)
         with_prefix = [prompts.prefix_of[i] != NO_PREFIX for i in batch]
-        mask = TokenMask.from_attention_mask(encoded["attention_mask"], self.exclude_first and not any(with_prefix))
+        exclude_first = self.exclude_first and not any(with_prefix)
+        lengths = [len(row) for row in rows]
+        mask = TokenMask.from_lengths(lengths, max(lengths), exclude_first, self.device)
         self.recorder.start_batch(mask)
         try:
             cache = None
             if shared is not None and any(with_prefix):
                 cache, prefix_mask = shared.rows(torch.as_tensor([max(prompts.prefix_of[i], 0) for i in batch]))
-                prefix_mask = prefix_mask * torch.as_tensor(with_prefix, device=prefix_mask.device)[:, None]
+                prefix_mask = prefix_mask * to_device(torch.as_tensor(with_prefix), prefix_mask.device)[:, None]
                 attention = torch.cat([prefix_mask, encoded["attention_mask"]], 1)
                 encoded = {**encoded, "attention_mask": attention,
                            "position_ids": positions_of(attention)[:, shared.length:]}
             forward_without_logits(self.model, encoded, cache)
+            observations = self.recorder.finish_batch()
         except RuntimeError as error:
             if not is_out_of_memory(error) or len(batch) == 1:
                 raise
             del encoded
-            self.recorder.observations = {}
+            self.recorder.start_batch(mask)  # drops what the failed batch held
             free_device_memory(self.device)
             log.warning("out of memory on a batch of %d prompts; retrying in halves", len(batch))
             half = len(batch) // 2
@@ -154,26 +170,33 @@ class Extraction:
             self._run_batch(batch[half:], shared, writer)
             return
         # Only now, with the whole forward done, does the batch count.
-        self.tokens_forwarded += int(mask.lengths.sum())
-        prompt_index = torch.as_tensor(batch, device=self.device)
+        self.tokens_forwarded += sum(lengths)
         # Peak positions count from the prompt's first token, not the query's.
         starts = torch.as_tensor([len(prompts.prefix_tokens(i)) for i in batch], dtype=torch.int32)[:, None]
-        for key, seen in self.recorder.observations.items():
-            seen.peak_positions += starts.to(seen.peak_positions.device)
-            self.stats[key].add(seen, mask.count, prompt_index)
-        writer.write_batch([self.prompt_ids[i] for i in batch], mask.counts.squeeze(1).long().tolist(),
-                           self.recorder.pooled_to_host())
+        uploaded: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (site, first), seen in observations.items():
+            device = seen.peaks.device
+            if device not in uploaded:  # once per batch and device
+                uploaded[device] = (to_device(torch.as_tensor(batch), device), to_device(starts, device))
+            prompt_index, start = uploaded[device]
+            seen.peak_positions += start
+            self.stats[(site, first)].add(seen, mask.count, prompt_index)
+        ids = [self.prompt_ids[i] for i in batch]
+        n_tokens = [max(1, n - exclude_first) for n in lengths]  # as pooled: at least one token
+        pooled = self.recorder.pooled_to_host(self.pinned)
+        if self.background:
+            writer.write_batch(ids, n_tokens, pooled.arrays, pooled.release)
+        else:
+            writer.write_batch(ids, n_tokens, pooled.arrays())
 
 
 def pad_right(rows: list[list[int]], device: torch.device, pad_token_id: int | None) -> dict[str, torch.Tensor]:
     longest = max(len(row) for row in rows)
     pad = pad_token_id if pad_token_id is not None else 0
-    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.as_tensor(row)
-        attention[i, :len(row)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+    # Built on the host from Python lists in one piece each, then sent to the device once.
+    ids = torch.tensor([list(row) + [pad] * (longest - len(row)) for row in rows], dtype=torch.long)
+    attention = (torch.arange(longest)[None] < torch.tensor([len(row) for row in rows])[:, None]).long()
+    return {"input_ids": to_device(ids, device), "attention_mask": to_device(attention, device)}
 
 
 def extract_shard(model, tokenizer, prompts: pl.DataFrame, outputs: ExtractionOutputs,

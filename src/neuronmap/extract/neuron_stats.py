@@ -8,7 +8,7 @@ A shard writes its partial sums (`shard-<n>.stats.parquet`) and its top activati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -21,14 +21,15 @@ from ..model.hooks import BatchObservation, runs_natively
 
 
 class UnitStats:
-    """Running statistics of one (site, layer): [n] tensors on the model's device."""
+    """Running statistics of a run of layers of one site (`LayerRun`): [layers, n] tensors on
+    their device, updated by one set of calls per batch however many layers the run has."""
 
-    def __init__(self, width: int, top_n: int, device: torch.device, state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, layers: int, width: int, top_n: int, device: torch.device):
         # On the CPU the C kernel merges each batch into [top_n, width] arrays kept in place; a
         # new top per batch (torch's cat and topk) was 25 MB of heap churned per batch on the
         # default model, and half of this method's time.
-        state = state if state is not None else running_state(1, width, top_n, device)[0]
-        self.in_place = state["top_values"].shape[0] > 0
+        state = running_state(layers, width, top_n, device)
+        self.in_place = state["top_values"].shape[1] > 0
         self.count = 0
         self.top_n = top_n
         self.mean, self.m2, self.minimum, self.maximum = state["mean"], state["m2"], state["minimum"], state["maximum"]
@@ -37,16 +38,9 @@ class UnitStats:
                                                                  state["top_positions"])
         self.top_filled = 0  # rows of the top arrays in use
 
-    @classmethod
-    def for_layers(cls, width: int, top_n: int, devices: Sequence[torch.device]) -> list["UnitStats"]:
-        """One per layer of a site. Layers on one device share one block per field, one
-        allocation where there were one per layer and field (thousands, held through the shard)."""
-        if len(set(devices)) == 1:
-            return [cls(width, top_n, devices[0], state)
-                    for state in running_state(len(devices), width, top_n, devices[0])]
-        return [cls(width, top_n, device) for device in devices]
-
     def add(self, seen: BatchObservation, count: int, prompt_index: torch.Tensor) -> None:
+        """Merge a batch's stacked observation ([layers, ...]); `count` (its valid tokens) is a
+        host number, `prompt_index` [B] the rows' prompts, on the run's device."""
         batch_mean = seen.total / count
         batch_m2 = (seen.total_sq - seen.total * batch_mean).clamp(min=0)
         total = self.count + count
@@ -60,90 +54,100 @@ class UnitStats:
         self.active += seen.active.double()
         if self.top_n:
             # The batch's peaks join the running top, and one topk keeps the best.
-            prompt_index = prompt_index.to(seen.peaks.device)  # this layer's device in a dispatched model
             if self.in_place:
-                self.top_filled = native_statistics.merge_top(self.top_values, self.top_prompts, self.top_positions,
-                                                              self.top_filled, seen.peaks, seen.peak_positions,
-                                                              prompt_index)
+                for layer in range(self.top_values.shape[0]):
+                    filled = native_statistics.merge_top(self.top_values[layer], self.top_prompts[layer],
+                                                         self.top_positions[layer], self.top_filled, seen.peaks[layer],
+                                                         seen.peak_positions[layer], prompt_index)
+                self.top_filled = filled
             else:
-                self._merge_top(seen.peaks, prompt_index[:, None].expand_as(seen.peaks), seen.peak_positions)
+                self._merge_top(seen.peaks, prompt_index[None, :, None].expand_as(seen.peaks), seen.peak_positions)
 
     def tops(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The running top: values [k, n] highest first, their prompts' indices and positions."""
+        """The running top: values [layers, k, n] highest first, their prompts' indices and positions."""
         k = self.top_filled
-        return self.top_values[:k], self.top_prompts[:k], self.top_positions[:k]
+        return self.top_values[:, :k], self.top_prompts[:, :k], self.top_positions[:, :k]
 
     def _merge_top(self, values, prompts, positions) -> None:
-        values = torch.cat([self.top_values, values])
-        prompts = torch.cat([self.top_prompts, prompts])
-        positions = torch.cat([self.top_positions, positions])
-        k = min(self.top_n, values.shape[0])
-        best, order = torch.topk(values, k, dim=0)
+        values = torch.cat([self.top_values, values], 1)
+        prompts = torch.cat([self.top_prompts, prompts], 1)
+        positions = torch.cat([self.top_positions, positions], 1)
+        k = min(self.top_n, values.shape[1])
+        best, order = torch.topk(values, k, dim=1)
         self.top_values = best
-        self.top_prompts = prompts.gather(0, order)
-        self.top_positions = positions.gather(0, order)
+        self.top_prompts = prompts.gather(1, order)
+        self.top_positions = positions.gather(1, order)
         self.top_filled = k
 
 
-def running_state(layers: int, width: int, top_n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Per layer, the initial running statistics of `width` units: views of one block per field."""
+def running_state(layers: int, width: int, top_n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The initial running statistics of `layers` x `width` units: one [layers, ...] block per field."""
     device = torch.device(device)
     rows = top_n if top_n > 0 and runs_natively(device) else 0  # the top is kept in place (UnitStats)
-    blocks = {"mean": torch.zeros(layers, width, dtype=torch.float64, device=device),
-              "m2": torch.zeros(layers, width, dtype=torch.float64, device=device),
-              "minimum": torch.full((layers, width), float("inf"), device=device),
-              "maximum": torch.full((layers, width), float("-inf"), device=device),
-              "positive": torch.zeros(layers, width, dtype=torch.float64, device=device),
-              "active": torch.zeros(layers, width, dtype=torch.float64, device=device),
-              "top_values": torch.full((layers, rows, width), float("-inf"), device=device),
-              "top_prompts": torch.zeros(layers, rows, width, dtype=torch.long, device=device),
-              "top_positions": torch.zeros(layers, rows, width, dtype=torch.int32, device=device)}
-    return [{name: block[layer] for name, block in blocks.items()} for layer in range(layers)]
+    return {"mean": torch.zeros(layers, width, dtype=torch.float64, device=device),
+            "m2": torch.zeros(layers, width, dtype=torch.float64, device=device),
+            "minimum": torch.full((layers, width), float("inf"), device=device),
+            "maximum": torch.full((layers, width), float("-inf"), device=device),
+            "positive": torch.zeros(layers, width, dtype=torch.float64, device=device),
+            "active": torch.zeros(layers, width, dtype=torch.float64, device=device),
+            "top_values": torch.full((layers, rows, width), float("-inf"), device=device),
+            "top_prompts": torch.zeros(layers, rows, width, dtype=torch.long, device=device),
+            "top_positions": torch.zeros(layers, rows, width, dtype=torch.int32, device=device)}
 
 
 def partial_table(stats: dict[tuple[str, int], UnitStats]) -> pl.DataFrame:
-    """A shard's mergeable partial statistics (tables.NEURON_STATS_PARTIAL)."""
+    """A shard's mergeable partial statistics (tables.NEURON_STATS_PARTIAL), from the running
+    statistics of each (site, first layer) run."""
     parts = []
-    for (site, layer), s in stats.items():
-        width = s.mean.shape[0]
+    for (site, first), s in stats.items():
+        layers, width = s.mean.shape
+        flat = lambda t: t.cpu().numpy().reshape(-1)
         parts.append(pl.DataFrame({
-            "site": [site] * width, "layer": np.full(width, layer, np.int32), "unit": np.arange(width, dtype=np.int32),
-            "count": np.full(width, s.count, np.int64), "mean": s.mean.cpu().numpy(), "m2": s.m2.cpu().numpy(),
-            "min": s.minimum.cpu().numpy(), "max": s.maximum.cpu().numpy(),
-            "n_positive": s.positive.cpu().numpy().round().astype(np.int64),
-            "n_active": s.active.cpu().numpy().round().astype(np.int64)}))
+            "site": [site] * (layers * width),
+            "layer": np.repeat(np.arange(first, first + layers, dtype=np.int32), width),
+            "unit": np.tile(np.arange(width, dtype=np.int32), layers),
+            "count": np.full(layers * width, s.count, np.int64), "mean": flat(s.mean), "m2": flat(s.m2),
+            "min": flat(s.minimum), "max": flat(s.maximum),
+            "n_positive": flat(s.positive).round().astype(np.int64),
+            "n_active": flat(s.active).round().astype(np.int64)}))
     return pl.concat(parts).select(tables.NEURON_STATS_PARTIAL.names)
 
 
-def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str], tokens_of) -> pa.Table:
+def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str],
+              token_ids_of: Callable[[int], Sequence[int]], decode: Callable[[list[int]], list[str]]) -> pa.Table:
     """A shard's top activations (tables.TOP_ACTIVATIONS_PARTIAL): per unit, the prompts whose
-    peak is highest, with the peak's token. `tokens_of(prompt_index)` returns that prompt's
-    token strings. Built as Arrow columns, strings by index into the few distinct ones: a
-    polars frame per (site, layer) and a join on (prompt, position) took 0.3 s of the default
-    model's 1.5 M rows, as long as the forward of a batch of 30 prompts."""
+    peak is highest, with the peak's token. The running tops hold integers only (prompt index,
+    position); here each row's token id is looked up in `token_ids_of(prompt_index)` (the
+    prompt's token ids, prefix included) and the strings are resolved once: `decode(ids)` gives each distinct
+    id's string (one batched tokenizer call), taken by index into the rows. Built as Arrow
+    columns: a polars frame per (site, layer) and a join on (prompt, position) took 0.3 s of
+    the default model's 1.5 M rows, as long as the forward of a batch of 30 prompts."""
     sites = list(dict.fromkeys(site for site, _ in stats))
     columns = {key: [] for key in ("site", "layer", "unit", "value", "prompt", "position")}
-    for (site, layer), s in stats.items():
+    for (site, first), s in stats.items():
         values, prompts, positions = (t.cpu().numpy() for t in s.tops())
-        slot, unit = np.nonzero(np.isfinite(values))
+        layer, slot, unit = np.nonzero(np.isfinite(values))  # per layer, slot-major: the rows' order
         for key, column in (("site", np.full(len(unit), sites.index(site), np.int32)),
-                            ("layer", np.full(len(unit), layer, np.int32)), ("unit", unit.astype(np.int32)),
-                            ("value", values[slot, unit].astype(np.float32)), ("prompt", prompts[slot, unit]),
-                            ("position", positions[slot, unit].astype(np.int32))):
+                            ("layer", (layer + first).astype(np.int32)), ("unit", unit.astype(np.int32)),
+                            ("value", values[layer, slot, unit].astype(np.float32)),
+                            ("prompt", prompts[layer, slot, unit]),
+                            ("position", positions[layer, slot, unit].astype(np.int32))):
             columns[key].append(column)
     if sum(map(len, columns["unit"])) == 0:  # top_activations: 0
         return tables.TOP_ACTIVATIONS_PARTIAL.empty_table()
     c = {key: np.concatenate(parts) for key, parts in columns.items()}
-    # Each used prompt's tokens, end to end: a row's token is at its prompt's offset + position.
+    # Each used prompt's token ids, end to end: a row's token is at its prompt's offset + position.
     used = np.unique(c["prompt"])
-    token_lists = [tokens_of(int(p)) for p in used]
+    token_lists = [np.asarray(token_ids_of(int(p)), np.int64) for p in used]
     offsets = np.zeros(len(prompt_ids), np.int64)
     offsets[used] = np.cumsum([0] + [len(t) for t in token_lists[:-1]])
-    tokens = pa.array([token for t in token_lists for token in t], pa.string())
+    token_ids = np.concatenate(token_lists)[offsets[c["prompt"]] + c["position"]]
+    distinct, which = np.unique(token_ids, return_inverse=True)
+    strings = pa.array(decode(distinct.tolist()), pa.string())
     return pa.table({
         "site": pa.array(sites, pa.string()).take(c["site"]), "layer": c["layer"], "unit": c["unit"],
         "value": c["value"], "prompt_id": pa.array(list(prompt_ids), pa.string()).take(c["prompt"]),
-        "position": c["position"], "token": tokens.take(offsets[c["prompt"]] + c["position"]),
+        "position": c["position"], "token": strings.take(which.reshape(-1)),
     }, schema=tables.TOP_ACTIVATIONS_PARTIAL)
 
 

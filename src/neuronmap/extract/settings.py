@@ -30,5 +30,11 @@ class NeuronStatsSettings(Settings):
 
 @dataclass(frozen=True)
 class CalibrationSettings(Settings):
+    """What the stages' forward passes look like, so that the calibration forwards the same
+    (model/cost.py's `calibration`)."""
     model: ModelSettings
     batch_size: int
+    batch_tokens: int
+    pool_span: str
+    max_new_tokens: int = setting("evaluation.max_new_tokens")
+    configs_per_batch: int | str = setting("ablation.configs_per_batch")

@@ -11,7 +11,9 @@ writing never holds more than a batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,51 @@ class ResponseWriter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class BackgroundWriter:
+    """A ResponseWriter fed from another thread: `write_batch` queues a batch (at most `depth`
+    wait; a full queue holds up the caller, so memory stays bounded) and returns; a writer
+    thread gets each batch's arrays (`get_pooled()`, which may wait for a device copy), writes
+    them and calls `done()`. An error in the thread is raised by the next `write_batch` or by
+    `close`, which waits for every queued batch and closes the file. The file is the caller's
+    temporary path, moved into place only when `close` succeeded (io.parquet.atomic_path)."""
+
+    def __init__(self, writer: ResponseWriter, depth: int = 2):
+        self.writer = writer
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="response-writer", daemon=True)
+        self._thread.start()
+
+    def write_batch(self, prompt_ids: Sequence[str], n_tokens: Sequence[int], get_pooled: Callable[[], dict],
+                    done: Callable[[], None] | None = None) -> None:
+        self._raise()
+        self._queue.put((list(prompt_ids), list(n_tokens), get_pooled, done))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._raise()
+        finally:
+            self.writer.close()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            prompt_ids, n_tokens, get_pooled, done = item
+            try:
+                if self.error is None:  # after an error, batches are only drained (and released)
+                    self.writer.write_batch(prompt_ids, n_tokens, get_pooled())
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                self.error = error
+            finally:
+                if done is not None:
+                    done()
 
 
 class ResponseReader:

@@ -338,6 +338,7 @@ COST = pa.schema([
     ("seconds", pa.float64()),
     ("tokens_per_prompt", pa.float64()),
     ("tokens_per_s", pa.float64()),
+    ("floor", pa.string()),
     ("bare_tokens_per_s", pa.float64()),
     ("ratio_to_bare", pa.float64()),
 ])
@@ -498,8 +499,41 @@ LABEL_PERPLEXITY = pa.schema([
     ("excess_per_unit", pa.float64()),
 ])
 
+# The explain stage: each unit's description by each explainer, and each description's detection
+# score on held-out contexts (docs/parquet.md, "Explanations").
+EXPLANATIONS = pa.schema([
+    *_UNIT_KEY,
+    ("explainer", pa.string()),
+    ("explanation", pa.string()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+])
+
+# What an explain job hands its score job: each unit's held-out excerpts (docs/parquet.md).
+EXPLAIN_SETS = pa.schema([
+    *_UNIT_KEY,
+    ("context_id", pa.int64()),
+    ("activating", pa.bool_()),
+    ("peak", pa.float32()),
+    ("tokens", pa.list_(pa.string())),
+])
+
+EXPLAIN_SCORES = pa.schema([
+    *_UNIT_KEY,
+    ("explainer", pa.string()),
+    ("explanation_of", pa.string()),
+    ("scorer", pa.string()),
+    ("contexts", pa.int32()),
+    ("activating", pa.int32()),
+    ("true_positive_rate", pa.float64()),
+    ("true_negative_rate", pa.float64()),
+    ("balanced_accuracy", pa.float64()),
+    ("auc", pa.float64()),
+])
+
 # The atlas's index (atlas stage): one row per unit, with what every stage that ran says about it.
-# The file also has `ap:<relation>` and `rate:<label>` columns where those stages ran: atlas_units().
+# The file also has the explanation, `ap:<relation>` and `rate:<label>` columns where those stages
+# ran: atlas_units().
 ATLAS_UNITS = pa.schema([
     *_UNIT_KEY,
     ("count", pa.int64()),
@@ -521,7 +555,18 @@ ATLAS_UNITS = pa.schema([
 ])
 
 
-def atlas_units(relations, labels) -> pa.Schema:
-    """ATLAS_UNITS, then the AP for each relation and the firing rate on each label."""
-    return pa.schema([*ATLAS_UNITS, *[(f"ap:{r}", pa.float64()) for r in relations],
+# The atlas's columns from the explain stage, where it ran (after ATLAS_UNITS' own).
+ATLAS_EXPLANATIONS = pa.schema([
+    ("explanation", pa.string()),
+    ("explanation_score", pa.float64()),
+    ("baseline_explanation", pa.string()),
+    ("baseline_score", pa.float64()),
+])
+
+
+def atlas_units(relations, labels, explained: bool = False) -> pa.Schema:
+    """ATLAS_UNITS, the explanations where the explain stage ran, then the AP for each relation and
+    the firing rate on each label."""
+    return pa.schema([*ATLAS_UNITS, *(ATLAS_EXPLANATIONS if explained else []),
+                      *[(f"ap:{r}", pa.float64()) for r in relations],
                       *[(f"rate:{label}", pa.float64()) for label in labels]])

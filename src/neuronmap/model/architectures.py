@@ -49,7 +49,7 @@ ADAPTERS: dict[str, MlpAdapter] = {
 
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)), and the
-# activations hooks.gated_mlp_statistics knows: only these may have their forward fused.
+# activations hooks.gated_act knows: only these may have their forward fused.
 GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP",
                      "OlmoMLP", "Olmo2MLP", "GraniteMLP", "SmolLM3MLP"}
 ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import native_statistics
 from .architectures import MlpSites, fusable_activation
+from .dispatch import execution_device
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,20 @@ class TokenMask:
         counts = valid.sum(1, keepdim=True)
         return cls(valid, lengths, counts.clamp(min=1).float(), int(counts.sum()))
 
+    @classmethod
+    def from_lengths(cls, lengths: list[int], width: int, exclude_first: bool = False,
+                     device: torch.device | str = "cpu") -> "TokenMask":
+        """The mask of a right-padded batch whose row lengths the host knows: built on the host
+        and sent to `device` once (pinned, non-blocking on CUDA), so nothing waits on the device."""
+        count = sum(lengths) - (len(lengths) if exclude_first else 0)  # every row has a first token
+        lengths = torch.tensor(lengths, dtype=torch.long)
+        valid = torch.arange(width)[None] < lengths[:, None]
+        if exclude_first:
+            valid[:, 0] = False
+        counts = valid.sum(1, keepdim=True)
+        mask = cls(valid, lengths, counts.clamp(min=1).float(), count)
+        return mask.to(torch.device(device))
+
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[start, end) of each row's valid tokens (int64, on the CPU), for the C kernel."""
         return native_statistics.row_bounds(self.valid, self.lengths)
@@ -53,12 +70,23 @@ class TokenMask:
         on their own devices."""
         if self.valid.device == device:
             return self
-        return TokenMask(self.valid.to(device), self.lengths.to(device), self.counts.to(device), self.count)
+        return TokenMask(*(to_device(t, device) for t in (self.valid, self.lengths, self.counts)), self.count)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor bound for a GPU goes from pinned memory without
+    blocking the host (CUDA orders the copy before the kernels that read it)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass
 class BatchObservation:
-    """What one site of one layer showed in one batch."""
+    """What one site of one layer showed in one batch; from `SiteRecorder.finish_batch`, of a
+    run of layers, every field with a leading layer dimension ([L, B, n], [L, n])."""
     pooled: dict[str, torch.Tensor]     # pooling -> [B, n] float32
     total: torch.Tensor                 # [n] float64, sum over valid tokens
     total_sq: torch.Tensor              # [n] float64, sum of squares
@@ -75,14 +103,16 @@ def site_reductions(x: torch.Tensor, valid: torch.Tensor, active_threshold: floa
     unit ([B, n]) the sum, the maximum and its position; per unit ([n]) the sum of squares, the
     tokens > 0, the tokens with |x| > threshold and the minimum. Plain elementwise-and-reduce
     code, so that torch.compile fuses it into one pass over x (see `run_fused`); only what
-    pooling and the top activations need stays per row, which keeps a batch's memory small."""
+    pooling and the top activations need stays per row, which keeps a batch's memory small.
+    Dimensions count from the end, so a stack of layers [L, B, T, n] is reduced in the same
+    calls, each result with a leading layer dimension."""
     weight = valid.to(x.dtype)
-    sums = (x * weight).sum(1)
-    total_sq = (x * x * weight).sum((0, 1))
-    positive = ((x > 0) & valid).sum((0, 1))
-    active = ((x.abs() > active_threshold) & valid).sum((0, 1))
-    maxima, peaks = torch.where(valid, x, float("-inf")).max(1)
-    minimum = torch.where(valid, x, float("inf")).amin((0, 1))
+    sums = (x * weight).sum(-2)
+    total_sq = (x * x * weight).sum((-3, -2))
+    positive = ((x > 0) & valid).sum((-3, -2))
+    active = ((x.abs() > active_threshold) & valid).sum((-3, -2))
+    maxima, peaks = torch.where(valid, x, float("-inf")).max(-2)
+    minimum = torch.where(valid, x, float("inf")).amin((-3, -2))
     return sums, total_sq, positive, active, maxima, peaks, minimum
 
 
@@ -93,15 +123,6 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str, in_place: b
     if in_place and activation == "silu" and not torch.is_grad_enabled():
         return F.silu(gate, inplace=True).mul_(up)
     return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up
-
-
-def gated_mlp_statistics(gate: torch.Tensor, up: torch.Tensor, valid: torch.Tensor, active_threshold: float,
-                         activation: str):
-    """act = `gated_act(gate, up)` and the `site_reductions` of gate, up and act: compiled, one
-    pass that reads gate and up once."""
-    act = gated_act(gate, up, activation)
-    return (act, site_reductions(gate.float(), valid, active_threshold),
-            site_reductions(up.float(), valid, active_threshold), site_reductions(act.float(), valid, active_threshold))
 
 
 def runs_natively(device: torch.device) -> bool:
@@ -199,6 +220,14 @@ class BatchBuffers:
     def stacked(self, pooling: str, site: str) -> torch.Tensor:
         return self._blocks[(site, pooling)][:, :self.rows]
 
+    def observation(self, site: str, layers: range) -> BatchObservation:
+        """The batch's observation of `layers` of `site`, as views with a leading layer dimension."""
+        run = slice(layers.start, layers.stop)
+        row = lambda kind: self._blocks[(site, kind)][run, :self.rows]
+        unit = lambda kind: self._blocks[(site, kind)][run]
+        return BatchObservation({p: row(p) for p in self.poolings}, unit("total"), unit("total_sq"), unit("minimum"),
+                                unit("maximum"), unit("positive"), unit("active"), row("maxima"), row("peaks"))
+
     def _block(self, site: str, kind: str, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
         if (site, kind) not in self._blocks:
             shape = (self.n_layers, self.widths[site]) if rows is None else (self.n_layers, rows, self.widths[site])
@@ -254,13 +283,42 @@ def summarize(x: torch.Tensor, mask: TokenMask, poolings: Iterable[str], statist
                             out.maxima, out.peaks)
 
 
-class SiteRecorder:
-    """Reads every (site, layer) in each forward pass, filling `observations`.
+# The layers of a site's run are stacked and reduced together while their float32 activations
+# fit in this many bytes: every layer at once for the batches extraction forwards after cached
+# prefixes (a 7B model's 32 layers of 11,008 units up to about 380 tokens a batch), a few calls
+# for long whole prompts, so a batch's memory stays bounded by the batch, not by the layers.
+GROUP_BYTES = 512 << 20
 
-    With `fused` on a gated MLP whose gate, up and act are all read, each layer's MLP forward
-    is replaced (while installed) by one that computes act and the three sites' reductions in
-    one compiled pass: one Python call per layer instead of three hooks, and gate and up read
-    once instead of three times. Elsewhere, one read hook per (site, layer)."""
+
+@dataclass(frozen=True)
+class LayerRun:
+    """Consecutive layers of one site computed on one device in one way (by the C kernel, layer
+    by layer, or by torch, stacked): their observations and statistics are kept as one block."""
+    site: str
+    first: int
+    count: int
+    device: torch.device
+    native: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.first + self.count)
+
+
+class SiteRecorder:
+    """Reads every (site, layer) in each forward pass; `finish_batch` then gives one stacked
+    observation ([layers, ...] tensors) per `LayerRun`.
+
+    On the C kernel's path (the CPU) each layer is reduced in its hook, into kept host blocks.
+    On torch's path (a GPU, or no C compiler) a hook only keeps a reference to the activations,
+    and a run's layers are stacked and reduced in one set of calls (`GROUP_BYTES`): no op per
+    layer beyond the forward's own, and no value read back to the host, so the device runs
+    ahead of the host through the whole batch.
+
+    With `fused` on a gated MLP whose gate, up and act are all read, each layer's MLP forward is
+    replaced (while installed) by one that computes act itself and hands gate, up and act over
+    at once: one Python call per layer instead of three hooks. Elsewhere, one read hook per
+    (site, layer)."""
 
     def __init__(self, sites: MlpSites, site_names: Iterable[str], poolings: Iterable[str], active_threshold: float,
                  fused: bool = False, pooled_dtype: torch.dtype = torch.float32):
@@ -270,19 +328,33 @@ class SiteRecorder:
         self.site_names = tuple(site_names)
         sites.check(self.site_names)
         self.poolings = tuple(poolings)
+        for pooling in self.poolings:
+            if pooling not in POOLINGS:
+                raise ValueError(f"pooling: unknown {pooling!r} (choose from {', '.join(POOLINGS)})")
         self.active_threshold = active_threshold
         self.mask: TokenMask | None = None
         self._masks: dict[torch.device, TokenMask] = {}
-        self.observations: dict[tuple[str, int], BatchObservation] = {}
+        self.runs = [run for site in self.site_names for run in self._runs(site)]
+        self._run_of = {(run.site, layer): run for run in self.runs for layer in run.layers}
         self.buffers = BatchBuffers(sites.n_layers, {site: sites.width(site) for site in self.site_names},
                                     self.poolings, pooled_dtype)
-        self._buffered: set[tuple[str, int]] = set()  # this batch's (site, layer) held in self.buffers
+        self._pending: dict[str, list[torch.Tensor]] = {}  # a torch run's activations not yet reduced
+        self._groups: dict[tuple[str, int], list] = {}     # (site, run.first) -> reduced groups
+        self.stacked: dict[tuple[str, int], BatchObservation] = {}
 
-    def outputs(self, site: str, layer: int, device: torch.device) -> SiteOutputs | None:
-        """Where a CPU layer's results go: the recorder's kept buffers."""
-        if device.type != "cpu":
-            return None
-        self._buffered.add((site, layer))
+    def _runs(self, site: str) -> list[LayerRun]:
+        runs: list[LayerRun] = []
+        for layer in range(self.sites.n_layers):
+            device = execution_device(self.sites.point(site, layer).module)
+            native = self.fused and runs_natively(device)
+            if runs and (runs[-1].device, runs[-1].native) == (device, native):
+                runs[-1] = LayerRun(site, runs[-1].first, runs[-1].count + 1, device, native)
+            else:
+                runs.append(LayerRun(site, layer, 1, device, native))
+        return runs
+
+    def outputs(self, site: str, layer: int) -> SiteOutputs:
+        """Where a C-kernel layer's results go: the recorder's kept buffers."""
         return self.buffers.outputs(site, layer)
 
     def mask_on(self, device: torch.device) -> TokenMask:
@@ -292,43 +364,72 @@ class SiteRecorder:
         return self._masks[device]
 
     def _hook(self, site: str, layer: int, is_input: bool):
+        run = self._run_of[(site, layer)]
+
         def read(module, args, output=None):
             x = args[0] if is_input else output
             if x.dim() == 2:  # OPT runs its MLP on [batch * tokens, features]
                 x = x.view(*self.mask.valid.shape, -1)
-            self.observations[(site, layer)] = observe(x, self.mask_on(x.device), self.poolings,
-                                                       self.active_threshold, self.fused, self.pooled_dtype,
-                                                       self.outputs(site, layer, x.device))
+            if run.native:
+                observe(x, self.mask_on(x.device), self.poolings, self.active_threshold, True, self.pooled_dtype,
+                        self.outputs(site, layer))
+            else:
+                self._keep(run, layer, x)
         return read
+
+    def _keep(self, run: LayerRun, layer: int, x: torch.Tensor) -> None:
+        """Hold a torch run's activations until its last layer (or GROUP_BYTES), then reduce them."""
+        pending = self._pending.setdefault(run.site, [])
+        pending.append(x)
+        if layer == run.layers[-1] or len(pending) * x.numel() * 4 >= GROUP_BYTES:  # numel: no op
+            del self._pending[run.site]
+            self._groups.setdefault((run.site, run.first), []).append(self._reduce(pending))
+
+    def _reduce(self, xs: list[torch.Tensor]):
+        """The `site_reductions` and pooled responses of a stack of layers [L, B, T, n]."""
+        mask = self.mask_on(xs[0].device)
+        x = torch.stack(xs).float()  # half-precision sums lose too much
+        valid = mask.valid.unsqueeze(-1)
+        if self.fused:
+            statistics = run_fused(site_reductions, x, valid, self.active_threshold)
+        else:
+            statistics = site_reductions(x, valid, self.active_threshold)
+        sums, maxima = statistics[0], statistics[4]
+        pooled = {}
+        for pooling in self.poolings:
+            if pooling == "mean":
+                pooled[pooling] = sums / mask.counts
+            elif pooling == "max":
+                pooled[pooling] = maxima
+            else:  # last
+                rows = torch.arange(x.shape[1], device=x.device)
+                pooled[pooling] = x[:, rows, mask.lengths - 1]
+        return statistics, pooled
 
     def _fused_forward(self, layer: int, activation: str):
         gate_proj, up_proj, down_proj = (self.sites.projection(name, layer) for name in ("gate", "up", "down"))
 
         def forward(x):
             gate, up = gate_proj(x), up_proj(x)
+            if not self._run_of[("gate", layer)].native:
+                act = gated_act(gate, up, activation)  # gate and up are kept: not in place
+                for site, value in (("gate", gate), ("up", up), ("act", act)):
+                    self._keep(self._run_of[(site, layer)], layer, value)
+                return down_proj(act)
             mask = self.mask_on(gate.device)
-            outputs = [self.outputs(site, layer, gate.device) for site in ("gate", "up", "act")]
-            if runs_natively(gate.device):
-                # gate and up read in one pass and summarized before act overwrites gate: on the
-                # CPU every fresh buffer is a fresh mapping, faulted in page by page.
-                statistics = native_statistics.site_statistics([gate, up], mask.bounds(), self.active_threshold,
-                                                               [o.reductions() for o in outputs[:2]])
-                self._summarize(layer, ("gate", "up"), (gate, up), statistics, outputs[:2])
-                act = gated_act(gate, up, activation, in_place=True)
-                statistics = native_statistics.site_statistics([act], mask.bounds(), self.active_threshold,
-                                                               [outputs[2].reductions()])
-                self._summarize(layer, ("act",), (act,), statistics, outputs[2:])
-            else:
-                act, *statistics = run_fused(gated_mlp_statistics, gate, up, mask.valid.unsqueeze(-1),
-                                             self.active_threshold, activation)
-                self._summarize(layer, ("gate", "up", "act"), (gate, up, act), statistics, outputs)
+            outputs = [self.outputs(site, layer) for site in ("gate", "up", "act")]
+            # gate and up read in one pass and summarized before act overwrites gate: on the
+            # CPU every fresh buffer is a fresh mapping, faulted in page by page.
+            statistics = native_statistics.site_statistics([gate, up], mask.bounds(), self.active_threshold,
+                                                           [o.reductions() for o in outputs[:2]])
+            for x, seen, out in zip((gate, up), statistics, outputs[:2]):
+                summarize(x, mask, self.poolings, seen, self.pooled_dtype, out)
+            act = gated_act(gate, up, activation, in_place=True)
+            statistics = native_statistics.site_statistics([act], mask.bounds(), self.active_threshold,
+                                                           [outputs[2].reductions()])
+            summarize(act, mask, self.poolings, statistics[0], self.pooled_dtype, outputs[2])
             return down_proj(act)
         return forward
-
-    def _summarize(self, layer: int, sites: tuple[str, ...], values, statistics, outputs) -> None:
-        mask = self.mask_on(values[0].device)
-        for site, x, seen, out in zip(sites, values, statistics, outputs):
-            self.observations[(site, layer)] = summarize(x, mask, self.poolings, seen, self.pooled_dtype, out)
 
     def _fusable_mlps(self) -> list[tuple[torch.nn.Module, str]] | None:
         if not self.fused or not {"gate", "up", "act"} <= set(self.site_names):
@@ -368,37 +469,139 @@ class SiteRecorder:
                     setattr(mlp, name, original)
 
     def start_batch(self, mask: TokenMask) -> None:
+        """A new batch; what an earlier (failed) batch left is dropped."""
         self.mask = mask
         self._masks = {mask.valid.device: mask}
-        self.observations = {}
-        self.buffers.start(mask.valid.shape[0])
-        self._buffered = set()
+        self._pending, self._groups, self.stacked = {}, {}, {}
+        if any(run.native for run in self.runs):
+            self.buffers.start(mask.valid.shape[0])
 
-    def pooled_to_host(self) -> dict[tuple[str, str], torch.Tensor]:
-        """[layers, batch, units] tensors per (pooling, site): the kept buffers where every layer
-        ran on the CPU (valid until the next batch), else one device-to-host copy per device."""
-        layers = range(self.sites.n_layers)
-        return {(pooling, site): self.buffers.stacked(pooling, site)
-                if all((site, layer) in self._buffered for layer in layers)
-                else stack_to_host([self.observations[(site, layer)].pooled[pooling] for layer in layers])
-                for pooling in self.poolings for site in self.site_names}
+    def finish_batch(self) -> dict[tuple[str, int], BatchObservation]:
+        """After a successful forward: per run, keyed (site, first layer), its observation with a
+        leading layer dimension (views of the kept blocks on the C kernel's path, valid until the
+        next batch). A constant number of ops per run, however many layers it has."""
+        self.stacked = {}
+        for run in self.runs:
+            key = (run.site, run.first)
+            if run.native:
+                self.stacked[key] = self.buffers.observation(run.site, run.layers)
+                continue
+            groups = self._groups.get(key, [])
+            if sum(len(g[0][0]) for g in groups) != run.count:
+                raise RuntimeError(f"{run.site}: the forward pass did not reach every layer's hook")
+            statistics = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*(g[0] for g in groups))]
+            pooled = {p: groups[0][1][p] if len(groups) == 1 else torch.cat([g[1][p] for g in groups])
+                      for p in self.poolings}
+            sums, total_sq, positive, active, maxima, peaks, minimum = statistics
+            self.stacked[key] = BatchObservation(pooled, sums.sum(-2, dtype=torch.float64), total_sq.double(), minimum,
+                                                 maxima.amax(-2), positive.to(torch.int32), active.to(torch.int32),
+                                                 maxima, peaks.to(torch.int32))
+        return self.stacked
+
+    @property
+    def observations(self) -> dict[tuple[str, int], BatchObservation]:
+        """Per (site, layer), views of the stacked observations (for tests and inspection; the
+        engine reads `finish_batch`'s blocks)."""
+        stacked = self.stacked or self.finish_batch()
+        return {(site, first + i): BatchObservation({p: v[i] for p, v in seen.pooled.items()},
+                                                    *(getattr(seen, f)[i] for f in _FIELDS))
+                for (site, first), seen in stacked.items() for i in range(len(seen.total))}
+
+    def pooled_to_host(self, pinned: "PinnedBuffers | None" = None) -> "HostResponses":
+        """This batch's pooled responses on their way to the host. Torch runs' blocks leave each
+        device as one flat block in the stored dtype (with `pinned`, on CUDA: copied on a side
+        stream into page-locked memory, the host not waiting); C-kernel runs' are the kept host
+        blocks themselves."""
+        parts, flats = [], {}
+        for pooling in self.poolings:
+            for run in self.runs:
+                seen = self.stacked[(run.site, run.first)]
+                if run.native:
+                    parts.append((pooling, run.site, ("kept", seen.pooled[pooling])))
+                else:
+                    blocks = flats.setdefault(run.device, [])
+                    blocks.append(seen.pooled[pooling])
+                    parts.append((pooling, run.site, ("flat", run.device, len(blocks) - 1)))
+        copies = {}
+        for device, blocks in flats.items():
+            flat = torch.empty(sum(b.numel() for b in blocks), dtype=self.pooled_dtype, device=device)
+            torch.cat([b.reshape(-1) for b in blocks], out=flat)  # one conversion to the stored dtype
+            shapes = [tuple(b.shape) for b in blocks]
+            copies[device] = (pinned.copy(flat) if pinned is not None and device.type == "cuda"
+                              else (flat, None, None), shapes)
+        return HostResponses(parts, copies, pinned)
+
+_FIELDS = ("total", "total_sq", "minimum", "maximum", "positive", "active", "peaks", "peak_positions")
+
+
+class PinnedBuffers:
+    """Page-locked host blocks that a batch's responses are copied into on a side stream, per
+    device: at most `count` in flight (queued or being written), so a writer that falls behind
+    holds up the next batch's copy instead of host memory growing with the shard."""
+
+    def __init__(self, count: int = 3):
+        self.count = count
+        self._free: dict[torch.device, queue.Queue] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def copy(self, flat: torch.Tensor):
+        """(host view, event that marks the copy done, the block to release)."""
+        free = self._free.get(flat.device)
+        if free is None:
+            free = self._free[flat.device] = queue.Queue()
+            for _ in range(self.count):
+                free.put(None)
+        block = free.get()
+        if block is None or block.numel() < flat.numel() or block.dtype != flat.dtype:
+            block = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True)
+        stream = self._streams.setdefault(flat.device, torch.cuda.Stream(flat.device))
+        stream.wait_stream(torch.cuda.current_stream(flat.device))  # after the kernels that fill flat
+        with torch.cuda.stream(stream):
+            host = block[:flat.numel()]
+            host.copy_(flat, non_blocking=True)
+            flat.record_stream(stream)  # its memory is not reused before the copy is done
+            done = torch.cuda.Event()
+            done.record(stream)
+        return host, done, (flat.device, block)
+
+    def release(self, token) -> None:
+        device, block = token
+        self._free[device].put(block)
+
+
+class HostResponses:
+    """A batch's pooled responses: `arrays()` waits for their copies and gives numpy [layers,
+    rows, units] arrays per (pooling, site); `release()` hands pinned blocks back. Each flat
+    block becomes numpy once, so a batch reads the device back once per device."""
+
+    def __init__(self, parts, copies, pinned: PinnedBuffers | None):
+        self.parts, self.copies, self.pinned = parts, copies, pinned
+
+    def arrays(self) -> dict[tuple[str, str], np.ndarray]:
+        views = {}
+        for device, ((host, done, _), shapes) in self.copies.items():
+            if done is not None:
+                done.synchronize()
+            flat, offset, views[device] = host.numpy(), 0, []
+            for shape in shapes:
+                size = int(np.prod(shape))
+                views[device].append(flat[offset:offset + size].reshape(shape))
+                offset += size
+        pieces: dict[tuple[str, str], list[np.ndarray]] = {}
+        for pooling, site, where in self.parts:
+            block = where[1].numpy() if where[0] == "kept" else views[where[1]][where[2]]
+            pieces.setdefault((pooling, site), []).append(block)
+        return {key: blocks[0] if len(blocks) == 1 else np.concatenate(blocks) for key, blocks in pieces.items()}
+
+    def release(self) -> None:
+        for (_, _, token), _ in self.copies.values():
+            if token is not None:
+                self.pinned.release(token)
 
 
 def _placed_by_accelerate(module: torch.nn.Module) -> bool:
     """accelerate's device hooks wrap the module's forward, keeping the original as _old_forward."""
     return hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
-
-
-def stack_to_host(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack(tensors).cpu() for tensors on several devices (a dispatched model's layers):
-    each device's run of tensors stacked there and copied in one piece."""
-    runs: list[list[torch.Tensor]] = []
-    for tensor in tensors:
-        if runs and runs[-1][0].device == tensor.device:
-            runs[-1].append(tensor)
-        else:
-            runs.append([tensor])
-    return torch.cat([torch.stack(run).cpu() for run in runs]) if len(runs) > 1 else torch.stack(tensors).cpu()
 
 
 def pooled_responses(model, sites: MlpSites, site_names, pooling: str, batch: dict[str, torch.Tensor],
@@ -408,5 +611,6 @@ def pooled_responses(model, sites: MlpSites, site_names, pooling: str, batch: di
     with recorder.installed(), torch.inference_mode():
         recorder.start_batch(TokenMask.from_attention_mask(batch["attention_mask"], exclude_first))
         model(**batch, use_cache=False)
-        pooled = recorder.pooled_to_host()
-    return {site: pooled[(pooling, site)] for site in site_names}
+        recorder.finish_batch()
+        pooled = recorder.pooled_to_host().arrays()
+    return {site: torch.from_numpy(pooled[(pooling, site)]) for site in site_names}

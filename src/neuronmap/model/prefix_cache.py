@@ -105,7 +105,7 @@ class SharedPrefixes:
         is given, so each batch gets its own copy) and those rows' prefix mask."""
         cache = copy.deepcopy(self.cache)
         # Indices on the host index a tensor on any device (a dispatched model's cache spans several).
-        cache.batch_select_indices(rows.cpu())
+        cache.batch_select_indices(rows if rows.device.type == "cpu" else rows.cpu())
         return cache, self.mask[rows.to(self.mask.device)]
 
 

@@ -22,7 +22,7 @@ def cmd_plan(args) -> None:
     trust = settings.extraction.model.trust_remote_code
     config = model_config(settings.spec, trust, args.model_dir)
     tokenizer = _tokenizer(args.model_dir, trust)
-    plan = plan_jobs(config, settings, token_lengths(settings, tokenizer))
+    plan = plan_jobs(config, settings, token_lengths(settings, tokenizer), tokenizer)
     print(format_table(plan))
     check_fits(plan, settings)
     with atomic_path(args.out) as tmp:

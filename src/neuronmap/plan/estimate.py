@@ -12,7 +12,9 @@ Memory model (bytes; d = bytes per value of the model's dtype, BT = tokens of a 
 - generation: the same without the reductions, for batch_size × configs_per_batch rows, plus
   their KV cache (2·layers·kv_width·d per token) and the last position's logits;
 - perplexity: its logits, at most LOGIT_BUDGET, and one row's float32 log-softmax;
-- decoding: the unembedding (and its bfloat16 copy), one layer's vectors and a chunk's scores.
+- decoding: one layer's vectors and a chunk's vocabulary products (chunk x vocab scores, their
+  grouped top-k's copy; with a bfloat16 search, the unembedding's copy and the rescoring's
+  gathered rows), and on the host every decoded row until decoded.parquet is written.
 The host adds RUNTIME (interpreter, torch, transformers, polars), COMPILE (the fused statistics'
 torch.compile) and, on the CPU, CPU_WORKING_SET (an empirical fraction of the weights). Checked against measured peaks on the CPU (tests/test_plan.py).
 """
@@ -32,6 +34,7 @@ from ..errors import NeuronmapError
 from ..model import dispatch
 from ..model.batching import LOGIT_BUDGET
 from ..model.shape import ModelShape, shape_of
+from .explain_cost import explain_cost
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -49,6 +52,14 @@ COMPILE = 250 * MiB
 CPU_WORKING_SET = 0.85
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 DECODE_CHUNK = 512        # stats.decode's chunk of units
+# decoded.parquet's rows as Arrow holds them: per top token an int32 id, a float32 score and a
+# string (offset and a few bytes); per row site, layer, unit, norm_gain and three list offsets.
+DECODED_ROW_TOKEN_BYTES = 20
+DECODED_ROW_BYTES = 40
+TOKEN_STRING_BYTES = 64   # one Python str per vocabulary entry (token_strings)
+# What the first Arrow tables of a job reserve in pyarrow's memory pool, beyond their own bytes
+# (measured: a decode job's peak grew 48 MiB once it built 1 MiB of rows).
+ARROW_POOL = 48 * MiB
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,7 @@ def activation_bytes(kind: str, shape: ModelShape, d: int, settings, lengths: di
         tokens = rows * longest
         return tokens * (_layer_tokens(shape, d, True) + shape.heads * longest * d) + rows * shape.vocab * 4
     if kind == "decode":
-        search = shape.vocab * shape.hidden * 2 if d > 2 else 0
-        return (shape.vocab * shape.hidden * d + search + 3 * shape.intermediate * shape.hidden * d
-                + DECODE_CHUNK * shape.vocab * 4 * 2)
+        return decode_bytes(shape, d, settings, decode_search(settings, target_of(settings), d))
     per_batch = configs_per_batch(settings, kind)
     rows = ab.evaluation.batch_size * per_batch
     longest = lengths["test_max"] + ab.evaluation.max_new_tokens
@@ -155,6 +164,43 @@ def activation_bytes(kind: str, shape: ModelShape, d: int, settings, lengths: di
     logits = min(LOGIT_BUDGET, (1 + n_configs(settings)) * tokens * shape.vocab * 4)
     perplexity = logits + 2 * tokens * shape.vocab * 4 + tokens * _layer_tokens(shape, d, False)
     return max(generation, perplexity)
+
+
+def decode_search(settings, target: Target, d: int) -> bool:
+    """Whether decoding searches candidates in a bfloat16 copy of the unembedding (stats/decode.py's
+    `search_dtype`: auto is bfloat16 on CUDA and on CPUs with AMX tiles; none when the model is
+    already in a 2-byte dtype). On the CPU, this machine's CPU stands for the target's."""
+    if d <= 2 or settings.decode_search == "float32":
+        return False
+    if settings.decode_search == "bfloat16" or target.device == "cuda":
+        return True
+    return target.device == "cpu" and torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported()
+
+
+def decode_bytes(shape: ModelShape, d: int, settings, searched: bool) -> int:
+    """What decoding holds beside the weights, on the device of the unembedding: one layer's
+    vectors, a chunk's vocabulary products (the chunk's units x every token) and what selects
+    their top tokens. Without a search, the float32 scores and the grouped top-k's padded copy
+    (2 x chunk x vocab x 4); with one, the unembedding's bfloat16 copy, the chunk's bfloat16
+    scores, their float32 top-k candidates, and the candidates' unembedding rows gathered for
+    exact rescoring (chunk x candidates x hidden x d)."""
+    vectors = 3 * shape.intermediate * shape.hidden * d
+    products = DECODE_CHUNK * shape.vocab
+    if not searched:
+        return vectors + 2 * products * 4
+    candidates = max(4 * settings.decode_top_n, settings.decode_top_n + 32)
+    return (vectors + shape.vocab * shape.hidden * 2 + products * 2 + products * 4
+            + DECODE_CHUNK * candidates * shape.hidden * d)
+
+
+def decode_host_bytes(shape: ModelShape, settings) -> int:
+    """The host memory decoding builds up beside the runtime: every decoded vector's row of
+    decoded.parquet (held until the file is written: top_n ids, scores and token strings, about
+    DECODED_ROW_TOKEN_BYTES a token, plus DECODED_ROW_BYTES a row), every token's string, and
+    what Arrow's memory pool reserves."""
+    rows = shape.n_layers * shape.intermediate * len(settings.decode_sites) * len(settings.norm_gain)
+    return (rows * (settings.decode_top_n * DECODED_ROW_TOKEN_BYTES + DECODED_ROW_BYTES)
+            + shape.vocab * TOKEN_STRING_BYTES + ARROW_POOL)
 
 
 def n_configs(settings) -> int:
@@ -171,15 +217,18 @@ def configs_per_batch(settings, kind: str) -> int:
     return 1 if target_of(settings).device == "cpu" else 12
 
 
-def job_memory(kind: str, weights: dict[str, int], activations: int, target: Target, fused: bool) -> dict[str, int]:
+def job_memory(kind: str, weights: dict[str, int], activations: int, target: Target, fused: bool,
+               host_extra: int = 0) -> dict[str, int]:
     """Peak bytes of one job on each device it uses: weights plus activations where layers run
-    (every GPU of a dispatched model holds its own layers' activations), the runtime on the host."""
+    (every GPU of a dispatched model holds its own layers' activations), the runtime and
+    `host_extra` on the host. Decoding runs no forward pass: no CPU working set of the layers'
+    matmuls (measured: SmolLM2-135M's decode peaked at its weights, runtime and a chunk's scores)."""
     memory: dict[str, int] = {}
     compute = [device for device in weights if device not in ("cpu", "disk")] if target.device == "cuda" else ["cpu"]
     for device in compute:
         memory[device] = weights.get(device, 0) + activations + (GPU_CONTEXT if target.device == "cuda" else 0)
-    host = RUNTIME + (COMPILE if fused and kind == "extract" else 0)
-    if target.device == "cpu":
+    host = RUNTIME + (COMPILE if fused and kind == "extract" else 0) + host_extra
+    if target.device == "cpu" and kind != "decode":
         host += int(CPU_WORKING_SET * weights.get("cpu", 0))
     memory["cpu"] = memory.get("cpu", 0) + weights.get("cpu", 0) * (target.device == "cuda") + host
     if "disk" in weights:
@@ -249,7 +298,7 @@ def token_lengths(settings, tokenizer=None) -> dict:
             "counted_by": "tokenizer" if tokenizer is not None else "characters / 4"}
 
 
-def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
+def plan_jobs(config, settings, lengths: dict | None = None, tokenizer=None) -> dict:
     """The plan: per model-running job kind, what it needs (see the module's docstring)."""
     shape_model = dispatch.meta_model(config, settings.extraction.model.trust_remote_code)
     shape = shape_of(shape_model)
@@ -298,16 +347,19 @@ def plan_jobs(config, settings, lengths: dict | None = None) -> dict:
             written = units * (8 + 12 * 10)
         else:
             flops = forward_flops(shape, tokens, int(context), logits)
-        memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics in (True, "auto"))
+        memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics in (True, "auto"),
+                            decode_host_bytes(shape, settings) if kind == "decode" else 0)
         jobs.append(JobPlan(kind, count, target.gpus, weights, memory, activations[kind], tokens, flops,
                             flops / (settings.tflops * 1e12), int(written)))
+    explain = (explain_cost(settings.explain, shape.parameters, settings.tflops, tokenizer)
+               if settings.explain.get("enabled") else None)
     return {"model_type": config.model_type, "device": target.device, "dtype": str(target.dtype).replace("torch.", ""),
             "gpus_per_job": target.gpus, "device_map": settings.extraction.model.device_map,
             "parameters": shape.parameters, "n_layers": shape.n_layers, "hidden": shape.hidden,
             "intermediate": shape.intermediate, "vocab": shape.vocab, "tflops": settings.tflops,
             "prompts": {key: value for key, value in lengths.items() if key != "test_by_relation"},
             "placement": {name: str(device) for name, device in device_map.items()},
-            "jobs": [asdict(job) for job in jobs]}
+            "jobs": [asdict(job) for job in jobs], "explain_per_unit": explain}
 
 
 def check_fits(plan: dict, settings) -> None:
@@ -345,6 +397,12 @@ def format_table(plan: dict) -> str:
                      f"{job['flops'] / 1e12:,.1f}", _duration(job["seconds"]), size(job["written_bytes"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if explain := plan.get("explain_per_unit"):
+        lines.append(
+            f"explain, per unit: explainer {explain['explainer_prompt_tokens']:,} tokens in, "
+            f"{explain['explainer_completion_tokens']:,} out; scorer {explain['scorer_prompts']} prompts, "
+            f"{explain['scorer_prompt_tokens']:,} tokens in; {_duration(explain['seconds_per_unit'])} at "
+            f"{explain['tokens_per_second']:,.0f} tokens/s ({explain['rate_from']})")
     return "\n".join([header, *lines])
 
 

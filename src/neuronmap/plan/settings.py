@@ -20,6 +20,9 @@ class PlanSettings(Settings):
     relations_dir: str = setting("relations.dir")
     decode_sites: tuple[str, ...] = setting("decode.sites")
     norm_gain: tuple[bool, ...] = setting("decode.norm_gain")
+    decode_top_n: int = setting("decode.top_n")
+    decode_search: str = setting("decode.search")
     gpus_per_job: int | str
     gpu_memory: float = setting("plan.gpu_memory")
     tflops: float = setting("plan.tflops")
+    explain: dict = setting("explain")

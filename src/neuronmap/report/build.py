@@ -23,6 +23,7 @@ from ..io.parquet import read_table, write_text
 from ..maths.expertise import top_ties
 from ..model.loading import load_tokenizer, read_manifest
 from . import charts, data, labels
+from . import explain as explain_numbers
 from .findings import findings
 from .inputs import ReportFiles
 from .label_findings import label_findings
@@ -120,10 +121,12 @@ def summary_section(page: Page, run: Run) -> None:
              table(times, "run time per stage (benchmark files)", digits=1),
              table(data.cost_summary(read_table(run.inputs.cost)),
                    "what the model-running stages cost: token positions forwarded (padding included) and "
-                   "their rate, against a bare forward pass over prompts measured in this run", digits=2),
-             table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost)),
+                   "their rate, against bare forward passes of the stage's own regime (cached prefixes, query "
+                   "batches; its floor) measured in this run", digits=2),
+             table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost), times),
                    "the plan made before the run (plan.json, from the model's config alone) beside what the run "
-                   "measured", digits=2),
+                   "measured; host memory flagged where the largest job's peak (max_rss) is more than "
+                   f"{data.PEAK_TOLERANCE:.0%} off the plan", digits=2),
              table(data.package_versions(), "package versions (report job)"), "</div>")
 
 
@@ -347,6 +350,32 @@ def labels_section(page: Page, corpus: CorpusRun) -> None:
              table(_readable_p(rows.drop("statement"), "p_value", "q_value"), "findings", digits=4), "</details>")
 
 
+def explain_section(page: Page, corpus: CorpusRun) -> None:
+    settings, significance = corpus.config["explain"], corpus.config["significance"]
+    scores = read_table(corpus.inputs.explain_scores)
+    explanations = read_table(corpus.inputs.explanations)
+    page.section("explain", "Explanations")
+    scorer = ", ".join(sorted(scores["scorer"].unique().to_list()))
+    page.add(note(
+        f"{explanations.select('site', 'layer', 'unit').n_unique()} units ({html.escape(settings['units'])}) "
+        "described by the model-free baseline (the tokens carrying their peaks and the words around them) and by "
+        f"the text model ({html.escape(settings['explainer']['backend'])}), from the contexts of one half of the "
+        "documents; each description judged by the scorer "
+        f"({html.escape(scorer)}) on held-out contexts of the other half, up to {settings['score_contexts']} "
+        "activating and as many non-activating. Shuffled: another unit's description, the control. Balanced "
+        "accuracy reads the scorer's yes/no answers, AUC its odds of yes (where the scorer gives them; else the "
+        f"answers): 0.5 is chance for both; intervals: {significance['confidence']:.0%} bootstrap over units, differences "
+        "paired by unit."))
+    page.add(table(explain_numbers.summary_table(scores, significance["bootstrap_resamples"],
+                                                 significance["confidence"], significance["seed"]),
+                   "mean score per explainer, and paired differences"))
+    page.add(page.figure("explain_scores", charts.explain_scores_chart(explain_numbers.distribution(scores)),
+                         "balanced accuracy per explainer"))
+    page.add("<details><summary>the descriptions</summary>",
+             table(explain_numbers.unit_table(explanations, scores, 100), "per unit, best text-model score first"),
+             "</details>")
+
+
 def _readable_p(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
     """p- and q-values in three significant digits: fixed decimals would print 1e-9 as 0.0000."""
     return frame.with_columns(pl.col(c).map_elements(lambda p: f"{p:.3g}", return_dtype=pl.String) for c in columns)
@@ -417,6 +446,8 @@ def build_report(files: ReportFiles, config: dict, out: str | Path, figures_dir:
         corpus_section(page, corpus_run)
     if files.ran("labels"):
         labels_section(page, corpus_run)
+    if files.ran("explain"):
+        explain_section(page, corpus_run)
     atlas = atlas_section(page, run) if run is not None else None
     if run is None:  # a corpus-only report has no atlas section: the link goes after the corpus
         page.add(atlas_link(config))

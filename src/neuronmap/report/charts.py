@@ -197,3 +197,15 @@ def label_perplexity_chart(cells: pl.DataFrame, subtitle: str) -> alt.FacetChart
     ).properties(title=alt.TitleParams(
         "Perplexity with a label's units off: selected ×ratio / random ×ratio; red: the selection hurts more",
         subtitle=subtitle))
+
+
+def explain_scores_chart(counts: pl.DataFrame) -> alt.Chart:
+    """Units per balanced accuracy, one row per explainer: the descriptions against the shuffled
+    control (chance: 0.5)."""
+    return alt.Chart(_data(counts)).mark_bar(size=8).encode(
+        x=alt.X("balanced_accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="balanced accuracy (0.5: chance)"),
+        y=alt.Y("units:Q", title="units"),
+        color=alt.Color("explainer:N", legend=None),
+        row=alt.Row("explainer:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+        tooltip=["explainer:N", "balanced_accuracy:Q", "units:Q"],
+    ).properties(width=360, height=70, title="Detection scores of the descriptions on held-out contexts")

@@ -167,20 +167,35 @@ def cost_summary(cost: pl.DataFrame) -> pl.DataFrame:
     """cost.parquet as the summary shows it."""
     return cost.select("stage", "jobs", "prompts", "tokens", pl.col("tokens_per_prompt").alias("tokens/prompt"),
                        "seconds", pl.col("tokens_per_s").alias("tokens/s"),
-                       pl.col("ratio_to_bare").alias("× bare forward time"))
+                       pl.col("ratio_to_bare").alias("× bare forward time"),
+                       *([pl.col("floor").alias("floor (calibration regime)")] if "floor" in cost.columns else []))
 
 
-def plan_against_cost(plan: dict, cost: pl.DataFrame) -> pl.DataFrame:
+# A job whose measured peak memory is this far from its plan, either way, is flagged.
+PEAK_TOLERANCE = 0.25
+
+
+def plan_against_cost(plan: dict, cost: pl.DataFrame, times: pl.DataFrame | None = None) -> pl.DataFrame:
     """What plan.json projected for each model-running stage beside what cost.parquet measured:
-    forward tokens (the plan's exclude padding) and time (the plan's at its stated throughput)."""
+    forward tokens (the plan's exclude padding) and time (the plan's at its stated throughput);
+    and, with `times` (stage_times), the planned host peak beside the largest measured one
+    (benchmark files' max_rss, MiB), flagged where it is more than PEAK_TOLERANCE off."""
     measured = {row["stage"]: row for row in cost.iter_rows(named=True)}
+    peaks = {} if times is None else dict(zip(times["stage"], times["max_rss_mb"]))
     rows = []
     for job in plan["jobs"]:
         seen = measured.get(job["kind"], {})
-        rows.append({"stage": job["kind"], "jobs": job["jobs"],
-                     "planned peak MiB per job": max(job["peak_bytes"].values()) / 2**20,
-                     "planned tokens": job["forward_tokens"], "measured tokens": seen.get("tokens"),
-                     f"planned s at {plan['tflops']:g} TFLOP/s": job["seconds"], "measured s": seen.get("seconds")})
+        row = {"stage": job["kind"], "jobs": job["jobs"],
+               "planned peak MiB per job": max(job["peak_bytes"].values()) / 2**20,
+               "planned tokens": job["forward_tokens"], "measured tokens": seen.get("tokens"),
+               f"planned s at {plan['tflops']:g} TFLOP/s": job["seconds"], "measured s": seen.get("seconds")}
+        if times is not None:
+            planned, peak = job["peak_bytes"].get("cpu", 0) / 2**20, peaks.get(job["kind"])
+            ratio = peak / planned if peak and planned else None
+            row.update({"planned host peak MiB": planned, "measured peak MiB": peak, "measured / planned": ratio,
+                        "memory": "" if ratio is None else
+                        "ok" if abs(ratio - 1) <= PEAK_TOLERANCE else f"off plan by more than {PEAK_TOLERANCE:.0%}"})
+        rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
 
 

@@ -16,7 +16,7 @@ from ..errors import NeuronmapError
 
 # The parts of a run, as the "all of them or none" check names them.
 PARTS = {"model": "the model", "study": "the relation study", "corpus": "the corpus pass",
-         "labels": "the labelled corpora's section"}
+         "labels": "the labelled corpora's section", "explain": "the explain stage"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ INPUTS = (
     Input("label_units", "labels", "each label's selected units"),
     Input("label_perplexity", "labels", "the perplexity check of each label's units"),
     Input("label_overlap", "labels", "the overlap of LAPE's and AP's selections, where AP ran", optional=True),
+    Input("explanations", "explain", "each explained unit's descriptions"),
+    Input("explain_scores", "explain", "each description's detection score, the control's included"),
 )
 
 

@@ -85,11 +85,35 @@ def check_plan(config: dict, prepared: str | Path | None = None) -> None:
         parse_time_plan(config, prepared)
 
 
+def check_explain(config: dict) -> None:
+    """The explain stage has the text it reads and the selection it explains."""
+    explain = config["explain"]
+    if not explain["enabled"]:
+        return
+    if not config["corpus"]["path"]:
+        raise NeuronmapError("explain.enabled: the explain stage reads the corpus contexts: set corpus.path")
+    if explain["units"] == "relations" and not config["relation_study"]:
+        raise NeuronmapError("explain.units: relations needs relation_study (its units/<relation>.parquet)")
+    if explain["units"].startswith("labels"):
+        from ..corpus.reading import corpus_files
+        labelled = len(corpus_files(config["corpus"]["path"])) >= 2 or config["corpus"]["label_column"] is not None
+        if not (labelled and config["labels"]["enabled"]):  # as workflow.labels_active says
+            raise NeuronmapError(f"explain.units: {explain['units']} needs the labels stage (a labelled corpus "
+                                 "and labels.enabled); choose top:<column> or all")
+        if explain["units"] == "labels:ap" and not config["labels"]["ap"]:
+            raise NeuronmapError("explain.units: labels:ap needs labels.ap")
+    for role in ("explainer", "scorer"):
+        spec = explain[role]
+        if spec["backend"] == "endpoint" and not (spec["url"] and spec["model"]):
+            raise NeuronmapError(f"explain.{role}: the endpoint backend needs url and model")
+
+
 def check_config(config: dict, prepared: str | Path | None = None) -> None:
     """All of the above, cheapest first. `prepared` is the run's model directory, if it exists."""
     if not config["relation_study"] and not config["corpus"]["path"]:
         raise NeuronmapError("relation_study is off and corpus.path is not set: the run would do nothing")
     check_corpus(config)
+    check_explain(config)
     if config["relation_study"]:
         check_keys(config)
         check_relations(config)
