@@ -48,7 +48,10 @@ from neuronmap.prepare.relations import find_relation_file, load_relation  # noq
 RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
              "word_first_letter", "verb_past_tense", "adj_comparative"]
 # Fused statistics: on the CPU the C kernel, the path fused_statistics: auto takes there for any shard.
-SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True)
+# Three poolings, not the default one: the reductions TransformerLens and nnsight are timed doing
+# (--others), and the figures of earlier sessions (docs/performance.md).
+SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True,
+                                       poolings=("mean", "max", "last"))
 # whole: whole prompts, no cache (pool_span: prompt); query: the workflow's default (pool_span:
 # query), each distinct prefix of demonstrations forwarded once and ~11-token query segments after
 # its cached keys and values, where a forward's fixed costs weigh far more per token.

@@ -204,7 +204,8 @@ def main() -> None:
         # (b) extraction against the bare forward
         ident = prompts(args.prompts, "identification")
         texts, ids = ident["text"].to_list(), ident["prompt_id"].to_list()
-        settings = ExtractionSettings.defaults(fused_statistics=True)  # the path of large shards
+        # The path of large shards, with three poolings as the docstring says (the default stores one).
+        settings = ExtractionSettings.defaults(fused_statistics=True, poolings=("mean", "max", "last"))
         out = Path(folder) / "responses"
 
         def extraction(chosen):

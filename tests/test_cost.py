@@ -39,6 +39,35 @@ def test_cost_table_rates_and_ratio_to_bare_forward():
     assert cost.row(1, named=True)["ratio_to_bare"] == pytest.approx(10.0)
 
 
+PEAK_PROBE = """
+import resource
+from neuronmap.model.cost import job_cost
+count = type("C", (), {"tokens": 1, "forwards": 1, "seconds": 1.0})()
+before = job_cost("extract", "a", 1, count)
+buffer = bytearray(200 * 2**20)
+buffer[::4096] = b"x" * len(buffer[::4096])  # touch every page
+del buffer
+after = job_cost("extract", "b", 1, count)
+print(before["peak_rss_mib"][0], after["peak_rss_mib"][0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_a_job_reads_its_peak_memory_from_the_kernel():
+    """The peak a job records is the process's high-water mark: it grows past a buffer just
+    freed (which the benchmark files, sampling every 30 s, would miss in a short job). In a
+    process of its own: a test worker's mark may already be above anything this test adds."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True).stdout
+    before_mib, after_mib, kernel_mib = map(float, out.split())
+    assert after_mib >= before_mib + 150 and after_mib == pytest.approx(kernel_mib, rel=0.01)
+    count = type("C", (), {"tokens": 1, "forwards": 1, "seconds": 1.0})()
+    before, after = (job_cost("extract", job, 1, count).with_columns(peak_rss_mib=pl.lit(mib))
+                     for job, mib in (("a", before_mib), ("b", after_mib)))
+    cost = cost_table(pl.concat([before, after]), before.with_columns(stage=pl.lit("bare")))
+    assert cost["peak_rss_mib"][0] == after["peak_rss_mib"][0]
+
+
 def _cost(stage, job, prompts, tokens, forwards, seconds):
     return job_cost(stage, job, prompts, ForwardCount(tokens, forwards, seconds))
 

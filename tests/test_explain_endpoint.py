@@ -114,6 +114,7 @@ def reference(model, tokenizer, conversations, max_tokens):
     return out
 
 
+@pytest.mark.e2e  # starts `transformers serve` (30-60 s with the model's preparation): make test only
 def test_endpoint_equals_generation_in_process(server, in_process, one_thread):
     """The same texts and token counts from the server, from generate() one conversation at a time,
     and from the explain stage's local backend, which batches them with left padding."""
@@ -131,6 +132,7 @@ def test_endpoint_equals_generation_in_process(server, in_process, one_thread):
     assert local == completions
 
 
+@pytest.mark.e2e  # starts `transformers serve` (30-60 s with the model's preparation): make test only
 def test_budget_refuses_a_batch_before_sending_it(server):
     url, name, _ = server
     model = EndpointModel(url, name, concurrency=2, retries=0, timeout_s=120, request_budget=3)
@@ -142,6 +144,7 @@ def test_budget_refuses_a_batch_before_sending_it(server):
     assert len(model.complete(CONVERSATIONS[:1], 2)) == 1
 
 
+@pytest.mark.e2e  # starts `transformers serve` (30-60 s with the model's preparation): make test only
 def test_unknown_model_fails_at_once_with_the_servers_message(server, caplog):
     url, _, _ = server
     model = EndpointModel(url, "no-such-model", concurrency=1, retries=3, timeout_s=60)

@@ -327,6 +327,7 @@ JOB_COST = pa.schema([
     ("tokens", pa.int64()),
     ("forwards", pa.int64()),
     ("seconds", pa.float64()),
+    ("peak_rss_mib", pa.float64()),
 ])
 
 COST = pa.schema([
@@ -341,6 +342,7 @@ COST = pa.schema([
     ("floor", pa.string()),
     ("bare_tokens_per_s", pa.float64()),
     ("ratio_to_bare", pa.float64()),
+    ("peak_rss_mib", pa.float64()),
 ])
 
 

@@ -9,6 +9,7 @@ tokens after a cached prefix costs far more per token than one over a whole prom
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,11 +62,24 @@ def counting_forwards(model):
         handle.remove()
 
 
+def peak_rss_mib() -> float | None:
+    """The process's high-water mark of resident memory so far, MiB. Snakemake's benchmark files
+    sample memory every 30 s, so a job shorter than that reads as its loading; the kernel keeps
+    the true peak."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def job_cost(stage: str, job: str, prompts: int, count: ForwardCount) -> pl.DataFrame:
+    """One job's row, made when its model work is done (so the peak memory is the job's)."""
     return pl.DataFrame({"stage": [stage], "job": [job], "prompts": [prompts], "tokens": [count.tokens],
-                         "forwards": [count.forwards], "seconds": [count.seconds]},
+                         "forwards": [count.forwards], "seconds": [count.seconds], "peak_rss_mib": [peak_rss_mib()]},
                         schema={"stage": pl.String, "job": pl.String, "prompts": pl.Int64, "tokens": pl.Int64,
-                                "forwards": pl.Int64, "seconds": pl.Float64})
+                                "forwards": pl.Int64, "seconds": pl.Float64, "peak_rss_mib": pl.Float64})
 
 
 def _timed(model, run) -> ForwardCount:
@@ -215,13 +229,16 @@ def cost_table(jobs: pl.DataFrame, calibration: pl.DataFrame) -> pl.DataFrame:
     rates = {job: tokens / seconds for job, tokens, seconds in
              calibration.select("job", "tokens", "seconds").iter_rows()}
     fallback = WHOLE if WHOLE in rates else calibration["job"][0]
+    if "peak_rss_mib" not in jobs.columns:  # job files of an older run
+        jobs = jobs.with_columns(peak_rss_mib=pl.lit(None, pl.Float64))
     stages = jobs.group_by("stage", maintain_order=True).agg(
         jobs=pl.len(), prompts=pl.col("prompts").sum(), tokens=pl.col("tokens").sum(),
-        forwards=pl.col("forwards").sum(), seconds=pl.col("seconds").sum())
+        forwards=pl.col("forwards").sum(), seconds=pl.col("seconds").sum(), peak_rss_mib=pl.col("peak_rss_mib").max())
     floors = [stage if stage in rates else fallback for stage in stages["stage"]]
     return stages.with_columns(
         tokens_per_prompt=pl.col("tokens") / pl.col("prompts"),
         tokens_per_s=pl.col("tokens") / pl.col("seconds"),
         floor=pl.Series(floors, dtype=pl.String),
         bare_tokens_per_s=pl.Series([rates[f] for f in floors], dtype=pl.Float64),
-    ).with_columns(ratio_to_bare=pl.col("bare_tokens_per_s") / pl.col("tokens_per_s"))
+    ).with_columns(ratio_to_bare=pl.col("bare_tokens_per_s") / pl.col("tokens_per_s")
+                   ).select(pl.exclude("peak_rss_mib"), "peak_rss_mib")

@@ -179,9 +179,13 @@ def plan_against_cost(plan: dict, cost: pl.DataFrame, times: pl.DataFrame | None
     """What plan.json projected for each model-running stage beside what cost.parquet measured:
     forward tokens (the plan's exclude padding) and time (the plan's at its stated throughput);
     and, with `times` (stage_times), the planned host peak beside the largest measured one
-    (benchmark files' max_rss, MiB), flagged where it is more than PEAK_TOLERANCE off."""
+    (cost.parquet's peak_rss_mib, which each job reads from the kernel; else the benchmark files'
+    max_rss, sampled every 30 s: decode writes no cost file), flagged where it is more than
+    PEAK_TOLERANCE off."""
     measured = {row["stage"]: row for row in cost.iter_rows(named=True)}
-    peaks = {} if times is None else dict(zip(times["stage"], times["max_rss_mb"]))
+    peaks = {} if times is None else {stage: mb * 1e6 / 2**20 if mb is not None else None  # MB -> MiB
+                                      for stage, mb in zip(times["stage"], times["max_rss_mb"])}
+    peaks |= {stage: row["peak_rss_mib"] for stage, row in measured.items() if row.get("peak_rss_mib")}
     rows = []
     for job in plan["jobs"]:
         seen = measured.get(job["kind"], {})
