@@ -40,7 +40,6 @@ def test_cost_table_rates_and_ratio_to_bare_forward():
 
 
 PEAK_PROBE = """
-import resource
 from neuronmap.model.cost import job_cost
 count = type("C", (), {"tokens": 1, "forwards": 1, "seconds": 1.0})()
 before = job_cost("extract", "a", 1, count)
@@ -48,14 +47,16 @@ buffer = bytearray(200 * 2**20)
 buffer[::4096] = b"x" * len(buffer[::4096])  # touch every page
 del buffer
 after = job_cost("extract", "b", 1, count)
-print(before["peak_rss_mib"][0], after["peak_rss_mib"][0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(before["peak_rss_mib"][0], after["peak_rss_mib"][0], int(hwm.split()[1]) / 1024)
 """
 
 
 def test_a_job_reads_its_peak_memory_from_the_kernel():
     """The peak a job records is the process's high-water mark: it grows past a buffer just
     freed (which the benchmark files, sampling every 30 s, would miss in a short job). In a
-    process of its own: a test worker's mark may already be above anything this test adds."""
+    process of its own, as a job is: a test worker's mark may already be above anything this
+    test adds; the child's starts afresh (getrusage's would carry the worker's over)."""
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True).stdout

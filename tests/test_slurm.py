@@ -161,7 +161,7 @@ def test_outputs_equal_the_local_run(slurm_run):
     assert on_slurm == local and local
     # What the jobs measured of themselves (seconds and rates) differs from run to run; what they
     # forwarded does not.
-    timings = ["seconds", "tokens_per_s", "bare_tokens_per_s", "ratio_to_bare"]
+    timings = ["seconds", "tokens_per_s", "bare_tokens_per_s", "ratio_to_bare", "peak_rss_mib"]
     for relative in local:
         slurm, here = pl.read_parquet(run_dir / relative), pl.read_parquet(e2e_run / relative)
         if relative.parts[0] == "cost" or relative.name == "cost.parquet":

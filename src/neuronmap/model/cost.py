@@ -65,13 +65,21 @@ def counting_forwards(model):
 def peak_rss_mib() -> float | None:
     """The process's high-water mark of resident memory so far, MiB. Snakemake's benchmark files
     sample memory every 30 s, so a job shorter than that reads as its loading; the kernel keeps
-    the true peak."""
+    the true peak. Linux: VmHWM of /proc/self/status, which starts afresh at exec (getrusage's
+    ru_maxrss does not: it carries the parent's over fork and exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def job_cost(stage: str, job: str, prompts: int, count: ForwardCount) -> pl.DataFrame:
