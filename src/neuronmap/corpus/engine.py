@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..errors import NeuronmapError
 from ..io import tables
 from ..io.histogram import to_lists
-from ..io.parquet import atomic_path, write_row_groups
+from ..io.parquet import atomic_path, storage_schema, write_row_groups
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import is_out_of_memory
@@ -309,13 +309,13 @@ class RecordsPass:
                 r = self.records[(site, layer)]
                 bins, counts = to_lists(r.hist.cpu().numpy())
                 parts.append(pa.table({
-                    "site": [site] * r.width, "layer": np.full(r.width, layer, np.int32),
+                    "site": _repeated(site, r.width), "layer": np.full(r.width, layer, np.int32),
                     "unit": np.arange(r.width, dtype=np.int32), "count": np.full(r.width, r.count, np.int64),
                     "mean": r.mean.cpu().numpy(), "m2": r.m2.cpu().numpy(), "m3": r.m3.cpu().numpy(),
                     "m4": r.m4.cpu().numpy(), "min": r.minimum.cpu().numpy(), "max": r.maximum.cpu().numpy(),
                     "n_positive": r.n_positive.cpu().numpy(), "n_active": r.n_active.cpu().numpy(),
                     "hist_bins": bins, "hist_counts": counts}))
-            yield pa.concat_tables([p.cast(tables.RECORDS_PARTIAL) for p in parts])
+            yield pa.concat_tables([_stored(p, tables.RECORDS_PARTIAL) for p in parts])
 
     def _label_parts(self):
         # A label's tokens and contexts are the same for every unit: counted once, from the contexts.
@@ -327,13 +327,13 @@ class RecordsPass:
             for site in self.settings.sites:
                 r = self.records[(site, layer)]
                 for index, label in enumerate(self.labels):
-                    parts.append(pa.table({
-                        "site": [site] * r.width, "layer": np.full(r.width, layer, np.int32),
-                        "unit": np.arange(r.width, dtype=np.int32), "label": [label] * r.width,
+                    parts.append(_stored(pa.table({
+                        "site": _repeated(site, r.width), "layer": np.full(r.width, layer, np.int32),
+                        "unit": np.arange(r.width, dtype=np.int32), "label": _repeated(label, r.width),
                         "tokens": np.full(r.width, tokens.get(label, 0), np.int64),
                         "contexts": np.full(r.width, contexts.get(label, 0), np.int64),
-                        "sum": r.label_sum[index].cpu().numpy(), "n_positive": r.label_positive[index].cpu().numpy()},
-                        schema=tables.LABEL_RECORDS_PARTIAL))
+                        "sum": r.label_sum[index].cpu().numpy(), "n_positive": r.label_positive[index].cpu().numpy()}),
+                        tables.LABEL_RECORDS_PARTIAL))
             yield pa.concat_tables(parts)
 
     def _extreme_parts(self):
@@ -344,12 +344,12 @@ class RecordsPass:
                     kept, width = keys.shape
                     sign = 1.0 if kind == "top" else -1.0
                     rows = keys.numel()
-                    parts.append(pa.table({
+                    parts.append(_stored(pa.table({
                         "site": _repeated(site, rows), "layer": np.full(rows, layer, np.int32),
                         "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": _repeated(kind, rows),
                         "value": (sign * key_values(keys)).numpy().ravel(),
-                        "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()},
-                        schema=tables.EXTREMES_PARTIAL))
+                        "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()}),
+                        tables.EXTREMES_PARTIAL))
             yield pa.concat_tables(parts)
 
 
@@ -361,6 +361,12 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def _stored(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` cast to its file's contract, its dictionary columns kept (io/parquet.py)."""
+    return table.select(schema.names).cast(storage_schema(table.schema, schema))
+
+
 def _repeated(text: str, rows: int) -> pa.Array:
-    """A string column of one value, built in Arrow (a Python list of millions costs seconds)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int8)), pa.array([text])).cast(pa.string())
+    """A string column of one value, as a dictionary (a Python list of millions costs seconds,
+    and so does a string per row; io/parquet.py writes the dictionary as it is)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int8)), pa.array([text]))

@@ -55,16 +55,47 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [path for field in schema for path in leaves(field.name, field.type)]
 
 
+def storage_schema(given: pa.Schema, contract: pa.Schema) -> pa.Schema:
+    """`contract` as written: a string column that comes as an Arrow dictionary (a few distinct
+    strings over millions of rows: a site, a prompt id, a token) stays one. Parquet stores a
+    string column as dictionary pages either way; handing the writer the dictionary skips
+    materializing every row's string and hashing it again (1.55 M top-activation rows: 0.18 s
+    of `take` and a slower write)."""
+    fields = []
+    for field in contract:
+        kind = given.field(field.name).type if field.name in given.names else None
+        keep = (kind is not None and pa.types.is_string(field.type) and pa.types.is_dictionary(kind)
+                and kind.value_type == field.type)
+        fields.append(field.with_type(kind) if keep else field)
+    return pa.schema(fields, metadata=contract.metadata)
+
+
+def has_dictionaries(schema: pa.Schema) -> bool:
+    return any(pa.types.is_dictionary(field.type) for field in schema)
+
+
+def writer_options(schema: pa.Schema) -> dict:
+    """How a table of this (storage) schema is written. With dictionary columns: without Arrow's
+    own schema, so that readers get the contract's plain strings back (the Parquet column is a
+    string column; only the stored Arrow schema would make it a dictionary), and without min/max
+    statistics of those columns, which nothing filters on and which took 50 ms of a 130 ms write
+    of 1.55 M top activations."""
+    options = {"use_dictionary": dictionary_columns(schema)}
+    if has_dictionaries(schema):
+        options.update(store_schema=False,
+                       write_statistics=[f.name for f in schema if not pa.types.is_dictionary(f.type)])
+    return options
+
+
 def write_table(table: pa.Table | pl.DataFrame, target: str | os.PathLike, schema: pa.Schema | None = None,
                 **kwargs) -> None:
     """Write a table atomically; cast to `schema` first so the file matches its documented contract."""
     if isinstance(table, pl.DataFrame):
         table = table.to_arrow()
     if schema is not None:
-        table = table.select(schema.names).cast(schema)
-    kwargs.setdefault("use_dictionary", dictionary_columns(table.schema))
+        table = table.select(schema.names).cast(storage_schema(table.schema, schema))
     with atomic_path(target) as tmp:
-        pq.write_table(table, tmp, **kwargs)
+        pq.write_table(table, tmp, **{**writer_options(table.schema), **kwargs})
 
 
 def write_text(text: str, target: str | os.PathLike) -> None:
@@ -95,11 +126,20 @@ def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> Non
     """Write tables (an iterable: one is built at a time) as one row group each, atomically: a
     reader takes one group (one layer, say) without reading the others (`read_row_group`)."""
     with atomic_path(target) as tmp:
-        with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
+        writer = None
+        try:
             for part in parts:
                 if isinstance(part, pl.DataFrame):
                     part = part.to_arrow()
-                writer.write_table(part.select(schema.names).cast(schema), row_group_size=max(part.num_rows, 1))
+                if writer is None:  # the first part decides which string columns come as dictionaries
+                    stored = storage_schema(part.schema, schema)
+                    writer = pq.ParquetWriter(tmp, stored, **writer_options(stored))
+                writer.write_table(part.select(schema.names).cast(stored), row_group_size=max(part.num_rows, 1))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema))
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def read_row_group(path: str | os.PathLike, index: int, columns: list[str] | None = None) -> pl.DataFrame:
