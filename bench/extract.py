@@ -6,8 +6,9 @@ In two regimes, whole prompts (no cache) and the workflow's (cached prefixes of 
 short query segments after them), at two sizes (--prompts and half of it), side by side and
 median of --repeats: (a) the floor, a bare torch.inference_mode forward of the same batches (the
 last position's logits only; in the query regime model/cost.py's `cached_queries`, what the
-calibration job forwards); (b) neuronmap's extraction: all four sites, three poolings,
-streaming statistics, top activations and the Parquet writes, as the workflow runs it. Per
+calibration job forwards); (b) neuronmap's extraction: all four sites, the default pooling
+(mean), streaming statistics, top activations and the Parquet writes, as the workflow runs it,
+and beside it the same with three poolings (mean, max, last: three times the responses). Per
 regime: the ratio at the larger size, the marginal ratio (per token, fixed cost removed) and
 the fixed cost per job (bench/marginal.py). With --others, (c) TransformerLens and (d) nnsight
 doing the same reductions on whole prompts, when installed (pip install -e '.[bench]'). Then
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -48,10 +50,11 @@ from neuronmap.prepare.relations import find_relation_file, load_relation  # noq
 RELATIONS = ["country_capital_city", "landmark_in_country", "star_constellation", "object_superclass",
              "word_first_letter", "verb_past_tense", "adj_comparative"]
 # Fused statistics: on the CPU the C kernel, the path fused_statistics: auto takes there for any shard.
-# Three poolings, not the default one: the reductions TransformerLens and nnsight are timed doing
-# (--others), and the figures of earlier sessions (docs/performance.md).
-SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True,
-                                       poolings=("mean", "max", "last"))
+# The workflow's default poolings (mean), and side by side three: the reductions TransformerLens
+# and nnsight are timed doing (--others), and the figures of earlier sessions (docs/performance.md).
+SETTINGS = ExtractionSettings.defaults(batch_size=64, batch_tokens=2048, fused_statistics=True)
+THREE_POOLINGS = ("mean", "max", "last")
+METHODS = {"neuronmap": SETTINGS, "three_poolings": dataclasses.replace(SETTINGS, poolings=THREE_POOLINGS)}
 # whole: whole prompts, no cache (pool_span: prompt); query: the workflow's default (pool_span:
 # query), each distinct prefix of demonstrations forwarded once and ~11-token query segments after
 # its cached keys and values, where a forward's fixed costs weigh far more per token.
@@ -88,10 +91,10 @@ def time_floor(model, batches, logits: bool) -> float:
     return time.perf_counter() - start
 
 
-def time_neuronmap(model, tokenizer, prompts, workdir: Path, prefixes=None) -> float:
+def time_neuronmap(model, tokenizer, prompts, workdir: Path, prefixes=None, settings=SETTINGS) -> float:
     outputs = ExtractionOutputs(workdir / "r.parquet", workdir / "s.parquet", workdir / "t.parquet")
     start = time.perf_counter()
-    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), SETTINGS,
+    Extraction(model, tokenizer, prompts["prompt_id"].to_list(), prompts["text"].to_list(), settings,
                prefixes).run(outputs)
     return time.perf_counter() - start
 
@@ -101,7 +104,7 @@ def reduce_like_neuronmap(acts: dict, mask: torch.Tensor) -> None:
     from neuronmap.model.hooks import TokenMask, observe
     token_mask = TokenMask.from_attention_mask(mask)
     for x in acts.values():
-        observe(x, token_mask, ("mean", "max", "last"), SETTINGS.active_threshold, fused=True)
+        observe(x, token_mask, THREE_POOLINGS, SETTINGS.active_threshold, fused=True)
 
 
 def time_nnsight(model, tokenizer, batches):
@@ -194,7 +197,8 @@ def measure_regime(model, tokenizer, prompts, regime: str, workdir: Path):
             batches = batches_of(tokenizer, chosen["text"].to_list())
             floor = time_floor(model, batches, logits=False)
             tokens[size] = sum(int(b["attention_mask"].numel()) for b in batches)
-        return {"floor": floor, "neuronmap": time_neuronmap(model, tokenizer, chosen, workdir, prefixes)}
+        return {"floor": floor, **{method: time_neuronmap(model, tokenizer, chosen, workdir, prefixes, settings)
+                                   for method, settings in METHODS.items()}}
     return measure, tokens
 
 
@@ -221,10 +225,15 @@ def main() -> None:
             measure(sizes[0])  # warm-up
             medians = interleaved(measure, sizes, args.repeats)
             large = medians[sizes[1]]
-            figures["regimes"][regime] = {
-                "tokens": tokens[sizes[1]], "seconds": large, "ratio": round(large["neuronmap"] / large["floor"], 3),
-                **marginal((tokens[sizes[0]], tokens[sizes[1]]), (medians[sizes[0]]["floor"], large["floor"]),
-                           (medians[sizes[0]]["neuronmap"], large["neuronmap"]))}
+            ends = (tokens[sizes[0]], tokens[sizes[1]]), (medians[sizes[0]]["floor"], large["floor"])
+            row = {"tokens": tokens[sizes[1]], "seconds": large}
+            for method in METHODS:
+                suffix = "" if method == "neuronmap" else f"_{method}"
+                row[f"ratio{suffix}"] = round(large[method] / large["floor"], 3)
+                row.update({f"{key}{suffix}": value for key, value in
+                            marginal(*ends, (medians[sizes[0]][method], large[method])).items()
+                            if not suffix or key in ("marginal_ratio", "fixed_s")})
+            figures["regimes"][regime] = row
         if args.others:
             batches = batches_of(tokenizer, prompts["text"].to_list())
             # The other tools wrap the modules they see (nnsight replaces every module's forward):
@@ -242,11 +251,16 @@ def main() -> None:
         figures.update({"peak_rss_mb": {f"{args.rss_prompts}_prompts": rss_1x,
                                         f"{8 * args.rss_prompts}_prompts": rss_8x},
                         "rss_growth_8x": rss_8x / rss_1x - 1})
-    print(f"prompts {sizes[0]} and {sizes[1]}, median of {args.repeats}, {figures['threads']} threads")
-    print(f"{'regime':<8}{'tokens':>8}{'floor s':>9}{'neuronmap s':>13}{'ratio':>7}{'marginal':>10}{'fixed s':>9}")
+    print(f"prompts {sizes[0]} and {sizes[1]}, median of {args.repeats}, {figures['threads']} threads; "
+          f"neuronmap: poolings {','.join(SETTINGS.poolings)} (the default); three_poolings: {','.join(THREE_POOLINGS)}")
+    print(f"{'regime':<8}{'method':<16}{'tokens':>8}{'floor s':>9}{'seconds':>9}{'ratio':>7}{'marginal':>10}"
+          f"{'fixed s':>9}")
     for regime, row in figures["regimes"].items():
-        print(f"{regime:<8}{row['tokens']:>8}{row['seconds']['floor']:>9.2f}{row['seconds']['neuronmap']:>13.2f}"
-              f"{row['ratio']:>7.3f}{row['marginal_ratio'] or float('nan'):>10.3f}{row['fixed_s']:>9.2f}")
+        for method in METHODS:
+            suffix = "" if method == "neuronmap" else f"_{method}"
+            print(f"{regime:<8}{method:<16}{row['tokens']:>8}{row['seconds']['floor']:>9.2f}"
+                  f"{row['seconds'][method]:>9.2f}{row['ratio' + suffix]:>7.3f}"
+                  f"{row['marginal_ratio' + suffix] or float('nan'):>10.3f}{row['fixed_s' + suffix]:>9.2f}")
     print(json.dumps(figures))
 
 

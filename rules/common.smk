@@ -192,6 +192,7 @@ def report_inputs(wildcards):
         "sparsity": rules.sparsity.output.layers,
         "languages": rules.ablation_summary.output.languages,
         "cost": rules.cost.output[0],
+        "calibration": rules.calibrate.output[0],
         "plan": rules.plan.output[0],
         "contexts": rules.corpus_contexts.output[0],
         "corpus_units": rules.corpus_merge.output.units,

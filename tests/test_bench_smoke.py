@@ -72,5 +72,7 @@ def test_extract_benchmark_reports_both_regimes():
     assert set(line["regimes"]) == {"whole", "query"}
     for regime in line["regimes"].values():
         assert regime["ratio"] > 0 and {"marginal_ratio", "fixed_s", "floor_fixed_s"} <= set(regime)
+        # The default pooling, and beside it three (three times the responses written).
+        assert regime["ratio_three_poolings"] > 0 and {"marginal_ratio_three_poolings", "fixed_s_three_poolings"} <= set(regime)
     # The workflow's regime forwards fewer tokens: each prefix once.
     assert line["regimes"]["query"]["tokens"] < line["regimes"]["whole"]["tokens"]

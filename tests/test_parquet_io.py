@@ -6,7 +6,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuronmap.io.parquet import read_row_group, read_table, storage_schema, write_row_groups, write_table
+import pytest
+
+from neuronmap.io.parquet import (prefetched, read_row_group, read_table, storage_schema, write_row_groups,
+                                 write_table)
 
 CONTRACT = pa.schema([("site", pa.string()), ("layer", pa.int32()), ("value", pa.float32())])
 
@@ -49,3 +52,32 @@ def test_plain_tables_keep_arrows_schema(tmp_path):
     assert b"ARROW:schema" in pq.ParquetFile(tmp_path / "p.parquet").metadata.metadata  # as before
     write_row_groups(iter([]), tmp_path / "empty.parquet", CONTRACT)
     assert read_table(tmp_path / "empty.parquet").height == 0
+
+
+def test_prefetched_parts_keep_their_order_and_errors():
+    assert list(prefetched(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise ValueError("bad part")
+    with pytest.raises(ValueError, match="bad part"):
+        list(prefetched(failing()))
+    built = []
+
+    def counted():
+        for i in range(100):
+            built.append(i)
+            yield i
+    first = prefetched(counted())
+    assert next(first) == 0
+    first.close()  # the consumer stops early: the builder stops too, a part or two later
+    assert len(built) < 5
+
+
+def test_a_failing_part_leaves_no_file(tmp_path):
+    def parts():
+        yield pa.table({"site": ["a"], "layer": [1], "value": [1.0]})
+        raise RuntimeError("out of memory while building")
+    with pytest.raises(RuntimeError):
+        write_row_groups(parts(), tmp_path / "x.parquet", CONTRACT)
+    assert list(tmp_path.iterdir()) == []

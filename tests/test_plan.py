@@ -40,7 +40,8 @@ def test_plan_of_a_7b_config_without_weights(llama_2_7b, tmp_path, capsys):
     table = capsys.readouterr().out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert "llama: 6.74B parameters, 32 layers, on cuda in bfloat16" in table
-    assert [job["kind"] for job in plan["jobs"]] == ["extract", "baseline", "ablate", "decode"]
+    assert [job["kind"] for job in plan["jobs"]] == ["extract", "baseline", "ablate", "decode", "calibrate"]
+    assert "\ncalibrate " in table
     extract = plan["jobs"][0]
     assert extract["jobs"] == 2 and extract["gpus_per_job"] == 1
     # bfloat16, all on the one GPU (and the rotary embedding's small float32 buffer)
@@ -181,6 +182,73 @@ def test_decode_memory_holds_the_vocabulary_products_and_the_decoded_rows():
     rows = 2 * 10 * 2 * 2
     assert decode_host_bytes(shape, settings) == rows * (3 * DECODED_ROW_TOKEN_BYTES + DECODED_ROW_BYTES) \
         + 100 * TOKEN_STRING_BYTES + ARROW_POOL
+
+
+def test_the_calibration_job_is_planned_as_its_largest_regime(llama_2_7b, tmp_path):
+    """One calibrate job: the weights, no statistics' compile, and the largest of its bare regimes'
+    activations (extraction's batches without the reductions, the ablate regime's generation of
+    configs_per_batch copies, a batch of whole prompts); its tokens about 128 prompts per regime."""
+    from types import SimpleNamespace
+
+    from neuronmap.plan import estimate
+    config = {"model": str(llama_2_7b), "device": "cuda", "relations": RELATIONS}
+    assert run_plan(config, tmp_path / "plan.json") == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    jobs = {job["kind"]: job for job in plan["jobs"]}
+    calibrate, extract = jobs["calibrate"], jobs["extract"]
+    assert calibrate["jobs"] == 1 and calibrate["weights_bytes"] == extract["weights_bytes"]
+    assert 0 < calibrate["activation_bytes"] < calibrate["peak_bytes"]["0"] - calibrate["weights_bytes"]["0"]
+    # The host holds the runtime only (no COMPILE, which the extract job's fused statistics add).
+    assert calibrate["peak_bytes"]["cpu"] == estimate.RUNTIME
+    assert extract["peak_bytes"]["cpu"] == estimate.RUNTIME + estimate.COMPILE
+    # On a GPU configs_per_batch (auto) is 12: the ablate regime's generation is the largest.
+    shape = SimpleNamespace(hidden=4096, intermediate=11008, heads=32, n_layers=32, kv_width=4096, vocab=32000)
+    settings = PlanSettings.from_config(validated(config))
+    lengths = {**plan["prompts"], "test_by_relation": {}}
+    generation = estimate._generation_bytes(shape, 2, 12 * settings.extraction.batch_size,
+                                            lengths["test_max"] + settings.ablation.evaluation.max_new_tokens)
+    assert calibrate["activation_bytes"] == generation
+    assert 0 < calibrate["forward_tokens"] and calibrate["flops"] > 0
+
+
+def test_the_calibration_job_on_the_cpu_holds_its_weights_and_working_set(tmp_path):
+    """On the CPU: weights, RUNTIME and the CPU working set, as the other forwarding jobs."""
+    from test_dispatch import tiny_config
+
+    from neuronmap.plan.estimate import CPU_WORKING_SET, RUNTIME
+    source = tmp_path / "tiny"
+    source.mkdir()
+    tiny_config("llama").to_json_file(source / "config.json")
+    assert run_plan({"model": str(source), "device": "cpu", "relations": RELATIONS}, tmp_path / "plan.json") == 0
+    calibrate = json.loads((tmp_path / "plan.json").read_text())["jobs"][4]
+    weights = calibrate["weights_bytes"]["cpu"]
+    assert calibrate["kind"] == "calibrate" and calibrate["peak_bytes"]["cpu"] >= weights > 0
+    assert calibrate["peak_bytes"]["cpu"] == (weights + RUNTIME + int(CPU_WORKING_SET * weights)
+                                              + calibrate["activation_bytes"])
+
+
+def test_the_report_compares_the_calibration_peak_with_its_plan():
+    """cost/calibrate.parquet: one row per regime, each holding the job's peak so far; the ablate
+    row repeats the baseline's measurement where configs_per_batch is 1 (counted once)."""
+    import polars as pl
+
+    from neuronmap.report.data import plan_against_cost
+    MiB = 2 ** 20
+    plan = {"tflops": 1.0, "jobs": [
+        {"kind": "calibrate", "jobs": 1, "peak_bytes": {"cpu": 1368 * MiB}, "forward_tokens": 11509, "seconds": 0.1}]}
+    calibration = pl.DataFrame({"stage": ["bare"] * 4, "job": ["extract", "baseline", "ablate", "whole"],
+                                "prompts": [203, 172, 172, 128], "tokens": [2420, 2193, 2193, 4656],
+                                "forwards": [17, 23, 23, 8], "seconds": [9.0, 10.7, 10.7, 13.5],
+                                "peak_rss_mib": [1274.6, 1278.8, 1278.8, 1278.8]})
+    cost = pl.DataFrame({"stage": ["extract"], "tokens": [12], "seconds": [2.0], "peak_rss_mib": [1200.0]})
+    # The benchmark's sampled max_rss is the fallback; the job's own peak wins.
+    times = pl.DataFrame({"stage": ["calibrate"], "max_rss_mb": [900.0]})
+    row = plan_against_cost(plan, cost, times, calibration).row(0, named=True)
+    assert row["stage"] == "calibrate" and row["measured peak MiB"] == 1278.8
+    assert row["measured tokens"] == 2420 + 2193 + 4656 and row["measured s"] == pytest.approx(9.0 + 10.7 + 13.5)
+    assert row["measured / planned"] == pytest.approx(1278.8 / 1368) and row["memory"] == "ok"
+    # Without the calibration file, the benchmark's max_rss (MB) stands in.
+    assert plan_against_cost(plan, cost, times)["measured peak MiB"][0] == pytest.approx(900e6 / MiB)
 
 
 def test_the_report_flags_a_job_whose_peak_is_more_than_a_quarter_off_its_plan():

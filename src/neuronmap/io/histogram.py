@@ -91,10 +91,14 @@ def to_lists(counts: np.ndarray):
     """Dense [units, BINS] counts as two Arrow list arrays: each unit's non-empty bins and their
     counts (tables.RECORDS_PARTIAL's hist_bins and hist_counts)."""
     import pyarrow as pa
-    unit, index = np.nonzero(counts)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(unit, minlength=counts.shape[0]))]).astype(np.int32)
+    counts = np.ascontiguousarray(counts)
+    # One pass over a flat mask: 2-D np.nonzero took 0.26 s of a records job's 120 calls.
+    flat = np.flatnonzero(counts.ravel() != 0)
+    unit, index = np.divmod(flat, counts.shape[1])
+    offsets = np.zeros(counts.shape[0] + 1, np.int32)
+    np.cumsum(np.bincount(unit, minlength=counts.shape[0]), out=offsets[1:])
     return (pa.ListArray.from_arrays(offsets, pa.array(index.astype(np.int16))),
-            pa.ListArray.from_arrays(offsets, pa.array(counts[unit, index].astype(np.int64))))
+            pa.ListArray.from_arrays(offsets, pa.array(counts.ravel()[flat].astype(np.int64, copy=False))))
 
 
 def from_lists(bins, counts) -> np.ndarray:

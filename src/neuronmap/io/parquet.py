@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import queue
 import tempfile
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -122,13 +125,48 @@ def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
         raise NeuronmapError(f"{path}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
 
 
+def prefetched(parts: Iterable, depth: int = 1) -> Iterator:
+    """`parts` built in a thread of its own, up to `depth` ahead of the consumer: a part is
+    built (numpy, mostly holding the GIL) while the one before is encoded and written (Arrow,
+    without it). An error while building is raised to the consumer."""
+    queue_: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def build():
+        try:
+            for part in parts:
+                queue_.put((part, None))
+                if stop.is_set():
+                    break
+        except BaseException as error:  # noqa: BLE001 - raised in the consumer's thread
+            queue_.put((None, error))
+        queue_.put((done, None))
+
+    thread = threading.Thread(target=build, name="row-group-builder", daemon=True)
+    thread.start()
+    try:
+        while True:
+            part, error = queue_.get()
+            if error is not None:
+                raise error
+            if part is done:
+                return
+            yield part
+    finally:
+        stop.set()
+        while thread.is_alive():  # the consumer stopped early: unblock the builder, which stops
+            with contextlib.suppress(queue.Empty):
+                queue_.get(timeout=0.1)
+
+
 def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> None:
-    """Write tables (an iterable: one is built at a time) as one row group each, atomically: a
-    reader takes one group (one layer, say) without reading the others (`read_row_group`)."""
+    """Write tables (an iterable: one is built at a time, the next while one is written) as one
+    row group each, atomically: a reader takes one group (one layer, say) without reading the
+    others (`read_row_group`)."""
     with atomic_path(target) as tmp:
         writer = None
         try:
-            for part in parts:
+            for part in prefetched(parts):
                 if isinstance(part, pl.DataFrame):
                     part = part.to_arrow()
                 if writer is None:  # the first part decides which string columns come as dictionaries

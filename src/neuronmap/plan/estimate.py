@@ -1,10 +1,11 @@
 """What a run's model-running jobs will need, before any of them runs: from the model's config
 alone (the model instantiated on the meta device: no weight read) and the run's config.
 
-Per job kind (extract, baseline, ablate, decode): the number of jobs, the weights' bytes on
-each device (as `device_map` places them), the peak memory of one job on each device (weights,
-the activations of its largest batch, and on the host the Python runtime), the forward tokens
-and FLOPs of all its jobs, the time they take at `plan.tflops`, and the bytes they write.
+Per job kind (extract, baseline, ablate, decode, calibrate): the number of jobs, the weights'
+bytes on each device (as `device_map` places them), the peak memory of one job on each device
+(weights, the activations of its largest batch, and on the host the Python runtime), the
+forward tokens and FLOPs of all its jobs, the time they take at `plan.tflops`, and the bytes
+they write.
 
 Memory model (bytes; d = bytes per value of the model's dtype, BT = tokens of a batch):
 - extraction, per layer at once: the residual stream and attention (about 4·H·d and heads·T·d
@@ -14,7 +15,10 @@ Memory model (bytes; d = bytes per value of the model's dtype, BT = tokens of a 
 - perplexity: its logits, at most LOGIT_BUDGET, and one row's float32 log-softmax;
 - decoding: one layer's vectors and a chunk's vocabulary products (chunk x vocab scores, their
   grouped top-k's copy; with a bfloat16 search, the unembedding's copy and the rescoring's
-  gathered rows), and on the host every decoded row until decoded.parquet is written.
+  gathered rows), and on the host every decoded row until decoded.parquet is written;
+- calibration (bare forward passes of each stage's regime, model/cost.py): the largest of
+  extraction's batches without the reductions, baseline/ablate's generation, and a batch of
+  whole prompts.
 The host adds RUNTIME (interpreter, torch, transformers, polars), COMPILE (the fused statistics'
 torch.compile) and, on the CPU, CPU_WORKING_SET (an empirical fraction of the weights). Checked against measured peaks on the CPU (tests/test_plan.py).
 """
@@ -33,6 +37,7 @@ import torch
 from ..errors import NeuronmapError
 from ..model import dispatch
 from ..model.batching import LOGIT_BUDGET
+from ..model.cost import CALIBRATION_PROMPTS
 from ..model.shape import ModelShape, shape_of
 from .explain_cost import explain_cost
 
@@ -143,27 +148,78 @@ def _layer_tokens(shape: ModelShape, d: int, stats: bool) -> int:
     return per_token + (4 * shape.intermediate * 4 if stats else 0)
 
 
+def _forward_bytes(shape: ModelShape, d: int, rows: int, longest: int, stats: bool) -> int:
+    """One forward pass of `rows` prompts padded to `longest` tokens, keeping the last position's
+    logits: one layer's tensors at once, attention's scores, and the logits (float32)."""
+    tokens = rows * longest
+    return tokens * (_layer_tokens(shape, d, stats) + shape.heads * longest * d) + rows * shape.vocab * 4
+
+
+def _generation_bytes(shape: ModelShape, d: int, rows: int, longest: int) -> int:
+    """Greedy decoding of `rows` rows up to `longest` tokens: a forward pass without the
+    reductions, the KV cache, and the last position's logits and their argmax's copy."""
+    return (rows * longest * (_layer_tokens(shape, d, False) + shape.heads * longest * d)
+            + 2 * shape.n_layers * rows * longest * shape.kv_width * d + rows * shape.vocab * 4 * 2)
+
+
 def activation_bytes(kind: str, shape: ModelShape, d: int, settings, lengths: dict) -> int:
     """Peak activation memory of one job of `kind` (its largest batch), on one device."""
     ext, ab = settings.extraction, settings.ablation
     if kind == "extract":
         longest = lengths["identification_max"]
         rows = max(1, min(ext.batch_size, ext.batch_tokens // max(longest, 1)))
-        tokens = rows * longest
-        return tokens * (_layer_tokens(shape, d, True) + shape.heads * longest * d) + rows * shape.vocab * 4
+        return _forward_bytes(shape, d, rows, longest, True)
     if kind == "decode":
         return decode_bytes(shape, d, settings, decode_search(settings, target_of(settings), d))
+    if kind == "calibrate":
+        return calibrate_bytes(shape, d, settings, lengths)
     per_batch = configs_per_batch(settings, kind)
     rows = ab.evaluation.batch_size * per_batch
-    longest = lengths["test_max"] + ab.evaluation.max_new_tokens
-    generation = (rows * longest * (_layer_tokens(shape, d, False) + shape.heads * longest * d)
-                  + 2 * shape.n_layers * rows * longest * shape.kv_width * d + rows * shape.vocab * 4 * 2)
+    generation = _generation_bytes(shape, d, rows, lengths["test_max"] + ab.evaluation.max_new_tokens)
     if kind == "baseline":
         return generation
     tokens = ab.perplexity_max_tokens
     logits = min(LOGIT_BUDGET, (1 + n_configs(settings)) * tokens * shape.vocab * 4)
     perplexity = logits + 2 * tokens * shape.vocab * 4 + tokens * _layer_tokens(shape, d, False)
     return max(generation, perplexity)
+
+
+def calibrate_bytes(shape: ModelShape, d: int, settings, lengths: dict) -> int:
+    """The calibration job's peak activations: the largest of its regimes (model/cost.py's
+    `calibration`, no hook, so no statistics' reductions), all in batches of the extraction's
+    batch_size: extraction's batches (batch_tokens bounds them), greedy decoding of
+    configs_per_batch copies of a batch after their prefixes, and whole prompts (no batch_tokens;
+    its sample mixes both splits, so the longest of either)."""
+    ext = settings.extraction
+    longest = lengths["identification_max"]
+    rows = max(1, min(ext.batch_size, ext.batch_tokens // max(longest, 1)))
+    extract = _forward_bytes(shape, d, rows, longest, False)
+    generation = _generation_bytes(shape, d, ext.batch_size * configs_per_batch(settings, "ablate"),
+                                   lengths["test_max"] + settings.ablation.evaluation.max_new_tokens)
+    whole = _forward_bytes(shape, d, ext.batch_size, max(lengths["identification_max"], lengths["test_max"]), False)
+    return max(extract, generation, whole)
+
+
+def calibrate_work(shape: ModelShape, settings, lengths: dict, baseline_tokens: int) -> tuple[int, float]:
+    """Forward tokens and FLOPs of the calibration job, roughly: CALIBRATION_PROMPTS prompts per
+    regime (it samples whole groups, so at least that many), as that share of what extraction and
+    the baseline forward; the ablate regime again configs_per_batch times where that is above 1
+    (else it is the baseline's measurement); and whole prompts counted at the longest prompt's
+    length (an upper bound: batches are padded to their longest)."""
+    new = settings.ablation.evaluation.max_new_tokens
+    mean_test = lengths["test_tokens"] / max(lengths["test"], 1)
+    share_ident = min(1.0, CALIBRATION_PROMPTS / max(lengths["identification"], 1))
+    share_test = min(1.0, CALIBRATION_PROMPTS / max(lengths["test"], 1))
+    repeats = configs_per_batch(settings, "ablate")
+    longest = max(lengths["identification_max"], lengths["test_max"])
+    extract = int(lengths["identification_tokens"] * share_ident)
+    evaluation = int(baseline_tokens * share_test * (1 + (repeats if repeats > 1 else 0)))
+    whole = min(CALIBRATION_PROMPTS, lengths["identification"] + lengths["test"]) * longest
+    mean_ident = lengths["identification_tokens"] / max(lengths["identification"], 1)
+    flops = (forward_flops(shape, extract, int(mean_ident), 0.0)
+             + forward_flops(shape, evaluation, int(mean_test + new / 2), new / (mean_test + new))
+             + forward_flops(shape, whole, longest // 2, 0.0))
+    return extract + evaluation + whole, flops
 
 
 def decode_search(settings, target: Target, d: int) -> bool:
@@ -306,7 +362,7 @@ def plan_jobs(config, settings, lengths: dict | None = None, tokenizer=None) -> 
     d = DTYPE_BYTES[target.dtype]
     lengths = lengths or token_lengths(settings)
     ext, ab = settings.extraction, settings.ablation
-    kinds = ("extract", "baseline", "ablate", "decode")
+    kinds = ("extract", "baseline", "ablate", "decode", "calibrate")
     activations = {kind: activation_bytes(kind, shape, d, settings, lengths) for kind in kinds}
     total_weights = shape.parameters * d
     if target.device == "cuda" and settings.gpus_per_job == "auto":
@@ -337,6 +393,7 @@ def plan_jobs(config, settings, lengths: dict | None = None, tokenizer=None) -> 
                                                + (1 + configs) * ab.perplexity_max_tokens)),
                    mean_test + new / 2, 0.5, relations * (evaluated + lengths["test"]) * 200),
         "decode": (1, 0, 0, 0.0, 0),
+        "calibrate": (1, 0, 0, 0.0, 4 * 200),  # its tokens and FLOPs: calibrate_work
     }
     jobs = []
     for kind in kinds:
@@ -345,6 +402,8 @@ def plan_jobs(config, settings, lengths: dict | None = None, tokenizer=None) -> 
             units = shape.n_layers * shape.intermediate * len(settings.decode_sites) * len(settings.norm_gain)
             flops = 2.0 * units * shape.hidden * shape.vocab
             written = units * (8 + 12 * 10)
+        elif kind == "calibrate":
+            tokens, flops = calibrate_work(shape, settings, lengths, work["baseline"][1])
         else:
             flops = forward_flops(shape, tokens, int(context), logits)
         memory = job_memory(kind, weights, activations[kind], target, ext.fused_statistics in (True, "auto"),

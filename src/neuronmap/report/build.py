@@ -123,7 +123,8 @@ def summary_section(page: Page, run: Run) -> None:
                    "what the model-running stages cost: token positions forwarded (padding included) and "
                    "their rate, against bare forward passes of the stage's own regime (cached prefixes, query "
                    "batches; its floor) measured in this run", digits=2),
-             table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost), times),
+             table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost), times,
+                                          read_table(run.inputs.calibration) if run.inputs.calibration else None),
                    "the plan made before the run (plan.json, from the model's config alone) beside what the run "
                    "measured; host memory flagged where the largest job's peak (max_rss) is more than "
                    f"{data.PEAK_TOLERANCE:.0%} off the plan", digits=2),

@@ -175,14 +175,19 @@ def cost_summary(cost: pl.DataFrame) -> pl.DataFrame:
 PEAK_TOLERANCE = 0.25
 
 
-def plan_against_cost(plan: dict, cost: pl.DataFrame, times: pl.DataFrame | None = None) -> pl.DataFrame:
-    """What plan.json projected for each model-running stage beside what cost.parquet measured:
+def plan_against_cost(plan: dict, cost: pl.DataFrame, times: pl.DataFrame | None = None,
+                      calibration: pl.DataFrame | None = None) -> pl.DataFrame:
+    """What plan.json projected for each model-running job kind beside what cost.parquet measured:
     forward tokens (the plan's exclude padding) and time (the plan's at its stated throughput);
     and, with `times` (stage_times), the planned host peak beside the largest measured one
     (cost.parquet's peak_rss_mib, which each job reads from the kernel; else the benchmark files'
     max_rss, sampled every 30 s: decode writes no cost file), flagged where it is more than
-    PEAK_TOLERANCE off."""
+    PEAK_TOLERANCE off. The calibrate job's numbers come from `calibration` (cost/calibrate.parquet)
+    where given: its regimes' tokens and seconds summed and their peak_rss_mib (each row holds the
+    job's peak so far, so the largest is the job's)."""
     measured = {row["stage"]: row for row in cost.iter_rows(named=True)}
+    if calibration is not None and calibration.height:
+        measured["calibrate"] = calibration_measured(calibration)
     peaks = {} if times is None else {stage: mb * 1e6 / 2**20 if mb is not None else None  # MB -> MiB
                                       for stage, mb in zip(times["stage"], times["max_rss_mb"])}
     peaks |= {stage: row["peak_rss_mib"] for stage, row in measured.items() if row.get("peak_rss_mib")}
@@ -201,6 +206,16 @@ def plan_against_cost(plan: dict, cost: pl.DataFrame, times: pl.DataFrame | None
                         "ok" if abs(ratio - 1) <= PEAK_TOLERANCE else f"off plan by more than {PEAK_TOLERANCE:.0%}"})
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def calibration_measured(calibration: pl.DataFrame) -> dict:
+    """The calibrate job as one row of cost.parquet's: its regimes' tokens and seconds summed (the
+    ablate row repeats the baseline's measurement where configs_per_batch is 1: counted once) and
+    its peak."""
+    regimes = calibration.unique(["tokens", "forwards", "seconds"], keep="first", maintain_order=True)
+    peak = calibration["peak_rss_mib"].max() if "peak_rss_mib" in calibration.columns else None
+    return {"stage": "calibrate", "tokens": int(regimes["tokens"].sum()), "seconds": float(regimes["seconds"].sum()),
+            "peak_rss_mib": peak}
 
 
 POOLED = "all relations"

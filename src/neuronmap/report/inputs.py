@@ -47,6 +47,8 @@ INPUTS = (
     Input("sparsity", "study", "the units' sparsity per layer"),
     Input("languages", "study", "the ablations' effect on the translations"),
     Input("cost", "study", "what the run cost, stage by stage"),
+    Input("calibration", "study", "the calibration job's bare forward passes (its peak memory against the plan)",
+          optional=True),
     Input("plan", "study", "what the run was estimated to need"),
     Input("contexts", "corpus", "the corpus's contexts"),
     Input("corpus_units", "corpus", "every unit's records over the corpus", optional=True),
