@@ -41,7 +41,7 @@ from neuronmap.model.batching import encode, length_sorted_batches  # noqa: E402
 from neuronmap.model.cost import cached_queries  # noqa: E402
 from neuronmap.extract.engine import Extraction, ExtractionOutputs
 from neuronmap.extract.settings import ExtractionSettings  # noqa: E402
-from neuronmap.model.host_memory import return_large_buffers_to_the_os  # noqa: E402
+from neuronmap.model.host_memory import reuse_freed_buffers  # noqa: E402
 from neuronmap.model.loading import load_model, prepare_model  # noqa: E402
 from neuronmap.prepare.prompts import build_prompts
 from neuronmap.prepare.settings import PromptSettings  # noqa: E402
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--others", action="store_true", help="also time nnsight and TransformerLens (whole prompts)")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    return_large_buffers_to_the_os()  # as `neuronmap extract` does before loading the model
+    reuse_freed_buffers()  # as `neuronmap extract` does before loading the model
     if args.rss_child:
         return rss_child(args.rss_child)
 

@@ -212,10 +212,10 @@ def test_torch_path_equals_the_native_kernel(lanes, monkeypatch):
 
 def test_shards_give_identical_records(smollm2, contexts, tmp_path):
     model, tokenizer = smollm2
+    # Five jobs of unequal sizes (the contexts' own shards) against one: every merge path.
     records = {shards: run_shards(model, tokenizer, contexts, tmp_path, shards, f"s{shards}", examples=4,
                                   peak_token_contexts=6, sites=("gate", "act"))
-               for shards in (1, 2, 5)}
-    assert_same_records(records[1], records[2])
+               for shards in (1, 5)}
     assert_same_records(records[1], records[5])
 
 

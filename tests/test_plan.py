@@ -83,7 +83,7 @@ import polars as pl
 from neuronmap.config.schema import validated
 from neuronmap.extract.engine import ExtractionOutputs, extract_shard
 from neuronmap.extract.settings import ExtractionSettings
-from neuronmap.model.host_memory import return_large_buffers_to_the_os
+from neuronmap.model.host_memory import reuse_freed_buffers
 from neuronmap.model.loading import load_for_job
 from neuronmap.prepare.prompts import relation_prompts
 from neuronmap.prepare.relations import find_relation_file, load_relation
@@ -93,7 +93,7 @@ relation = config["relations"]["names"][0]
 prompts = relation_prompts(load_relation(find_relation_file(config["relations"]["dir"], relation), relation),
                            PrepareSettings.from_config(config).prompts)
 prompts = prompts.filter(pl.col("split") == "identification")
-return_large_buffers_to_the_os()
+reuse_freed_buffers()  # as `neuronmap extract` does
 settings = ExtractionSettings.from_config(config)
 model, tokenizer = load_for_job(sys.argv[2], settings.model, 2)
 out = sys.argv[3]

@@ -22,7 +22,7 @@ def cmd_extract(args) -> None:
     from ..io import tables
     from ..io.parquet import read_table, write_table
     from ..model.cost import counting_forwards, job_cost
-    from ..model.host_memory import return_large_buffers_to_the_os
+    from ..model.host_memory import reuse_freed_buffers
     from ..model.loading import load_for_job
     from .engine import ExtractionOutputs, extract_shard
     prompts = read_table(args.prompts).filter(
@@ -31,7 +31,9 @@ def cmd_extract(args) -> None:
         raise NeuronmapError(f"{args.prompts}: no identification prompts for {args.relation} shard {args.shard}")
     # On a cluster, the scheduler's GPU assignment is the first thing to check in a job's log.
     log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-    return_large_buffers_to_the_os()  # before the model loads: its staging buffers count too
+    # Before the model loads. Freed batch buffers serve the next batch: a fresh mapping per
+    # buffer (return_large_buffers_to_the_os) made the job fault in every batch's pages.
+    reuse_freed_buffers()
     model, tokenizer = load_for_job(args.model_dir, args.settings.model, args.threads)
     outputs = ExtractionOutputs(Path(args.out), Path(args.out_stats), Path(args.out_top))
     with counting_forwards(model) as count:
