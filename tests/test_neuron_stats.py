@@ -169,3 +169,35 @@ def test_the_running_top_equals_a_top_over_all_rows(width, monkeypatch):
         finite = torch.isfinite(expected[:4])
         assert torch.equal(got[1][finite], order[:4][finite])
         assert torch.equal(got[2][finite], torch.cat(positions).gather(0, order[:4])[finite])
+
+
+class _Tops:
+    """A run's running top as UnitStats keeps it: values [layers, kept, width] highest first."""
+
+    def __init__(self, values, prompts, positions):
+        self.arrays = tuple(torch.as_tensor(a) for a in (values, prompts, positions))
+
+    def tops(self):
+        return self.arrays
+
+
+def test_top_table_rows_with_and_without_missing_peaks():
+    """Full tops take the flat path, a top with a missing (-inf) peak the filtered one: both give
+    the rows a plain loop over (layer, slot, unit) gives, strings resolved by dictionary."""
+    from neuronmap.extract.neuron_stats import top_table
+    rng = np.random.default_rng(0)
+    values = -np.sort(-rng.normal(size=(2, 3, 4)).astype(np.float32), axis=1)
+    prompts = rng.integers(0, 3, (2, 3, 4))
+    positions = rng.integers(0, 2, (2, 3, 4)).astype(np.int32)
+    tokens = {0: [5, 6], 1: [7, 8], 2: [9, 5]}
+    for missing in (False, True):
+        v = values.copy()
+        if missing:
+            v[1, 2, 3] = -np.inf
+        table = pl.from_arrow(top_table({("up", 4): _Tops(v, prompts, positions)}, ["p0", "p1", "p2"],
+                                        lambda p: tokens[p], lambda ids: [f"t{i}" for i in ids]))
+        expected = [("up", 4 + layer, unit, float(v[layer, slot, unit]), f"p{prompts[layer, slot, unit]}",
+                     int(positions[layer, slot, unit]), f"t{tokens[prompts[layer, slot, unit]][positions[layer, slot, unit]]}")
+                    for layer in range(2) for slot in range(3) for unit in range(4) if np.isfinite(v[layer, slot, unit])]
+        assert table.rows() == expected
+        assert table.height == 24 - missing

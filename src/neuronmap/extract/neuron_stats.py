@@ -127,12 +127,21 @@ def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str]
     columns = {key: [] for key in ("site", "layer", "unit", "value", "prompt", "position")}
     for (site, first), s in stats.items():
         values, prompts, positions = (t.cpu().numpy() for t in s.tops())
-        layer, slot, unit = np.nonzero(np.isfinite(values))  # per layer, slot-major: the rows' order
-        for key, column in (("site", np.full(len(unit), sites.index(site), np.int32)),
-                            ("layer", (layer + first).astype(np.int32)), ("unit", unit.astype(np.int32)),
-                            ("value", values[layer, slot, unit].astype(np.float32)),
-                            ("prompt", prompts[layer, slot, unit]),
-                            ("position", positions[layer, slot, unit].astype(np.int32))):
+        layers, kept, width = values.shape
+        finite = np.isfinite(values)
+        if finite.all():  # the usual case: every kept row holds a peak; the rows are the arrays, flat
+            rows = values.size
+            layer = np.repeat(np.arange(layers, dtype=np.int32), kept * width)
+            unit = np.tile(np.arange(width, dtype=np.int32), layers * kept)
+            value, prompt, position = values.reshape(-1), prompts.reshape(-1), positions.reshape(-1)
+        else:
+            layer, slot, unit = np.nonzero(finite)  # per layer, slot-major: the rows' order
+            rows = len(unit)
+            value, prompt, position = values[layer, slot, unit], prompts[layer, slot, unit], positions[layer, slot, unit]
+        for key, column in (("site", np.full(rows, sites.index(site), np.int32)),
+                            ("layer", (layer + first).astype(np.int32)), ("unit", unit.astype(np.int32, copy=False)),
+                            ("value", value.astype(np.float32, copy=False)), ("prompt", prompt),
+                            ("position", position.astype(np.int32, copy=False))):
             columns[key].append(column)
     if sum(map(len, columns["unit"])) == 0:  # top_activations: 0
         return tables.TOP_ACTIVATIONS_PARTIAL.empty_table()
