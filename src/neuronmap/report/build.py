@@ -126,7 +126,8 @@ def summary_section(page: Page, run: Run) -> None:
              table(data.plan_against_cost(json.loads(run.inputs.plan.read_text()), read_table(run.inputs.cost), times,
                                           read_table(run.inputs.calibration) if run.inputs.calibration else None),
                    "the plan made before the run (plan.json, from the model's config alone) beside what the run "
-                   "measured; host memory flagged where the largest job's peak (max_rss) is more than "
+                   "measured; host memory flagged where the largest job's peak (its own high-water mark; decode's, "
+                   "sampled by Snakemake's benchmark) is more than "
                    f"{data.PEAK_TOLERANCE:.0%} off the plan", digits=2),
              table(data.package_versions(), "package versions (report job)"), "</div>")
 
