@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..errors import NeuronmapError
 from ..io import tables
 from ..io.histogram import to_lists
-from ..io.parquet import atomic_path, storage_schema, write_row_groups
+from ..io.parquet import atomic_path, dictionary_strings, storage_schema, write_row_groups
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
 from ..model.batching import is_out_of_memory
@@ -369,4 +369,4 @@ def _stored(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def _repeated(text: str, rows: int) -> pa.Array:
     """A string column of one value, as a dictionary (a Python list of millions costs seconds,
     and so does a string per row; io/parquet.py writes the dictionary as it is)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int8)), pa.array([text]))
+    return dictionary_strings(np.zeros(rows, np.int8), [text])

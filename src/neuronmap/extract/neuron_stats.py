@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from ..io import tables
+from ..io.parquet import dictionary_strings
 from ..model import native_statistics
 from ..model.hooks import BatchObservation, runs_natively
 
@@ -157,12 +158,10 @@ def top_table(stats: dict[tuple[str, int], UnitStats], prompt_ids: Sequence[str]
     which = np.zeros(int(distinct[-1]) + 1, np.int32)
     which[distinct] = np.arange(len(distinct), dtype=np.int32)
     # Strings as dictionaries over their distinct values (io/parquet.py writes them so).
-    strings = lambda indices, values: pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()),
-                                                                     pa.array(values, pa.string()))
     return pa.table({
-        "site": strings(c["site"], sites), "layer": c["layer"], "unit": c["unit"], "value": c["value"],
-        "prompt_id": strings(c["prompt"].astype(np.int32), list(prompt_ids)), "position": c["position"],
-        "token": strings(which[token_ids], decode(distinct.tolist())),
+        "site": dictionary_strings(c["site"], sites), "layer": c["layer"], "unit": c["unit"], "value": c["value"],
+        "prompt_id": dictionary_strings(c["prompt"].astype(np.int32), list(prompt_ids)),
+        "position": c["position"], "token": dictionary_strings(which[token_ids], decode(distinct.tolist())),
     })
 
 

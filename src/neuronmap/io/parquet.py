@@ -73,6 +73,11 @@ def storage_schema(given: pa.Schema, contract: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=contract.metadata)
 
 
+def dictionary_strings(indices, values) -> pa.DictionaryArray:
+    """A string column given as indices into its distinct values: what `storage_schema` keeps."""
+    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(values, pa.string()))
+
+
 def has_dictionaries(schema: pa.Schema) -> bool:
     return any(pa.types.is_dictionary(field.type) for field in schema)
 
@@ -174,7 +179,7 @@ def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> Non
                     writer = pq.ParquetWriter(tmp, stored, **writer_options(stored))
                 writer.write_table(part.select(schema.names).cast(stored), row_group_size=max(part.num_rows, 1))
             if writer is None:
-                writer = pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema))
+                writer = pq.ParquetWriter(tmp, schema, **writer_options(schema))
         finally:
             if writer is not None:
                 writer.close()
