@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import NeuronmapError
 from ..io import tables
-from ..io.histogram import to_lists
+from ..io.histogram import to_runs
 from ..io.parquet import atomic_path, dictionary_strings, storage_schema, write_row_groups
 from ..io.responses import ResponseWriter
 from ..model.architectures import MlpSites
@@ -307,14 +307,14 @@ class RecordsPass:
             parts = []
             for site in self.settings.sites:
                 r = self.records[(site, layer)]
-                bins, counts = to_lists(r.hist.cpu().numpy())
+                first, run = to_runs(r.hist.cpu().numpy())
                 parts.append(pa.table({
                     "site": _repeated(site, r.width), "layer": np.full(r.width, layer, np.int32),
                     "unit": np.arange(r.width, dtype=np.int32), "count": np.full(r.width, r.count, np.int64),
                     "mean": r.mean.cpu().numpy(), "m2": r.m2.cpu().numpy(), "m3": r.m3.cpu().numpy(),
                     "m4": r.m4.cpu().numpy(), "min": r.minimum.cpu().numpy(), "max": r.maximum.cpu().numpy(),
                     "n_positive": r.n_positive.cpu().numpy(), "n_active": r.n_active.cpu().numpy(),
-                    "hist_bins": bins, "hist_counts": counts}))
+                    "hist_first": first, "hist_run": run}))
             yield pa.concat_tables([_stored(p, tables.RECORDS_PARTIAL) for p in parts])
 
     def _label_parts(self):
@@ -340,7 +340,8 @@ class RecordsPass:
         for layer in range(self.sites.n_layers):
             parts = []
             for site in self.settings.sites:
-                for kind, (keys, positions) in self.records[(site, layer)].extremes().items():
+                # The merge ranks every shard's rows together: a job hands them over unsorted.
+                for kind, (keys, positions) in self.records[(site, layer)].extremes(ordered=False).items():
                     kept, width = keys.shape
                     sign = 1.0 if kind == "top" else -1.0
                     rows = keys.numel()

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ..errors import NeuronmapError
 from ..io import tables
-from ..io.histogram import QUANTILES, from_lists, quantiles, to_lists
+from ..io.histogram import QUANTILES, from_runs, quantiles, to_lists
 from ..io.parquet import open_parquet, read_row_group, write_row_groups
 from .reductions import merge_moments
 
@@ -22,27 +22,27 @@ KEYS = ["site", "layer", "unit"]
 
 
 def merge_partials(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
-    """Two partial records of the same units (rows in the same order) as one."""
+    """Two partial records of the same units (rows in the same order) as one; histograms aside."""
     moments = ("mean", "m2", "m3", "m4")
     mean, m2, m3, m4 = merge_moments(a["count"].to_numpy().astype(np.float64), [a[c].to_numpy() for c in moments],
                                      b["count"].to_numpy().astype(np.float64), [b[c].to_numpy() for c in moments])
-    bins, counts = to_lists(from_lists(a["hist_bins"], a["hist_counts"]) + from_lists(b["hist_bins"], b["hist_counts"]))
     return a.with_columns(
         count=a["count"] + b["count"], mean=pl.Series(mean), m2=pl.Series(m2), m3=pl.Series(m3), m4=pl.Series(m4),
         min=pl.min_horizontal(a["min"], b["min"]), max=pl.max_horizontal(a["max"], b["max"]),
-        n_positive=a["n_positive"] + b["n_positive"], n_active=a["n_active"] + b["n_active"],
-        hist_bins=pl.from_arrow(bins), hist_counts=pl.from_arrow(counts))
+        n_positive=a["n_positive"] + b["n_positive"], n_active=a["n_active"] + b["n_active"])
 
 
 def unit_records(partials: Sequence[pl.DataFrame]) -> pl.DataFrame:
     """tables.UNIT_RECORDS of one layer from every shard's partial records of it."""
     merged = partials[0].sort(KEYS)
+    counts = from_runs(merged["hist_first"], merged["hist_run"])
     for other in partials[1:]:
         other = other.sort(KEYS)
         if not merged.select(KEYS).equals(other.select(KEYS)):
             raise NeuronmapError("the shards' partial records cover different units (made with other sites or "
                                  "another model?): rerun the corpus_records jobs")
         merged = merge_partials(merged, other)
+        counts += from_runs(other["hist_first"], other["hist_run"])
     n = merged["count"].to_numpy().astype(np.float64)
     m2, m3, m4 = merged["m2"].to_numpy(), merged["m3"].to_numpy(), merged["m4"].to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -50,7 +50,7 @@ def unit_records(partials: Sequence[pl.DataFrame]) -> pl.DataFrame:
         skewness = np.sqrt(n) * m3 / m2 ** 1.5
         kurtosis = n * m4 / (m2 * m2) - 3.0
         var = m2 / n
-    counts = from_lists(merged["hist_bins"], merged["hist_counts"])
+    bins, hist = to_lists(counts)
     q = quantiles(counts, merged["min"].to_numpy().astype(np.float64), merged["max"].to_numpy().astype(np.float64),
                   list(QUANTILES.values()))
     return merged.with_columns(
@@ -58,6 +58,7 @@ def unit_records(partials: Sequence[pl.DataFrame]) -> pl.DataFrame:
         kurtosis=pl.Series(np.where(m2 > 0, kurtosis, np.nan)),
         frac_positive=pl.col("n_positive") / pl.col("count"), frac_active=pl.col("n_active") / pl.col("count"),
         **{name: pl.Series(q[:, i]) for i, name in enumerate(QUANTILES)},
+        hist_bins=pl.from_arrow(bins), hist_counts=pl.from_arrow(hist),
     ).select(tables.UNIT_RECORDS.names)
 
 

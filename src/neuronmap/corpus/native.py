@@ -5,20 +5,81 @@ records are computed by the torch code in reductions.py: the same numbers to flo
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
+import time
 from pathlib import Path
 
+import numpy as np
+
+from ..io.histogram import BINS
 from ..model.native import compile_kernel
 
 SOURCE = Path(__file__).with_name("records_kernel.c")
+
+log = logging.getLogger(__name__)
 
 
 def _declare(library: ctypes.CDLL) -> None:
     pointer, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.records_reduce.argtypes = ([pointer, i64, i64, i64, pointer, i64, f32] + [pointer] * 10
                                         + [i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64]
-                                        + [pointer, pointer])
+                                        + [pointer, pointer, ctypes.c_int])
     library.records_reduce.restype = ctypes.c_int
+    library.records_can_scatter.argtypes = []
+    library.records_can_scatter.restype = ctypes.c_int
 
 
 def load() -> ctypes.CDLL | None:
     return compile_kernel(SOURCE, _declare)
+
+
+@functools.cache
+def scatter_histogram(library: ctypes.CDLL) -> bool:
+    """Whether this CPU counts the histograms faster with AVX-512's gather and scatter than with
+    scalar increments: it depends on the chip (records_kernel.c), so both are timed once per
+    process on a synthetic batch (about 20 ms) and the faster is used. The counts are the same."""
+    if not library.records_can_scatter():
+        return False
+    seconds = {mode: [] for mode in (True, False)}
+    batch = _SyntheticBatch()
+    for round_ in range(6):
+        for mode in seconds:
+            start = time.perf_counter()
+            batch.reduce(library, mode)
+            if round_:  # the first round pays for the pages
+                seconds[mode].append(time.perf_counter() - start)
+    chosen = min(seconds, key=lambda mode: float(np.median(seconds[mode])))
+    log.info("records kernel: histograms by %s (gather and scatter %.2f ms, increments %.2f ms per batch)",
+             "gather and scatter" if chosen else "scalar increments",
+             1e3 * float(np.median(seconds[True])), 1e3 * float(np.median(seconds[False])))
+    return chosen
+
+
+class _SyntheticBatch:
+    """Activations shaped like a model's (units of unlike scales, signs a coin toss) and the
+    running records they go into: what the kernel's two ways of counting are timed on."""
+
+    def __init__(self, rows: int = 8, tokens: int = 64, units: int = 512, cap: int = 16):
+        rng = np.random.default_rng(0)
+        scale = np.exp(rng.normal(-1.0, 1.0, units)).astype(np.float32)
+        self.x = (rng.standard_normal((rows, tokens, units), dtype=np.float32) * scale)
+        self.shape, self.cap = (rows, tokens, units), cap
+        self.lengths = np.full(rows, tokens, np.int64)
+        self.contexts = np.arange(rows, dtype=np.int64)
+        self.doubles = [np.zeros(units) for _ in range(4)]
+        self.counts = [np.zeros(units, np.int64) for _ in range(2)]
+        self.extremes = [np.full(units, np.inf, np.float32), np.full(units, -np.inf, np.float32)]
+        self.hist = np.zeros((units, BINS), np.int32)
+        self.heaps = [(np.zeros((units, cap), np.int64), np.zeros((units, cap), np.int32), np.zeros(units, np.int64))
+                      for _ in range(2)]
+
+    def reduce(self, library: ctypes.CDLL, scatter: bool) -> None:
+        def p(array):
+            return array.ctypes.data
+        rows, tokens, units = self.shape
+        heaps = [value for keys, positions, roots in self.heaps for value in (p(keys), p(positions), p(roots), self.cap)]
+        library.records_reduce(p(self.x), rows, tokens, units, p(self.lengths), 0, ctypes.c_float(0.05),
+                               *(p(a) for a in self.doubles), *(p(a) for a in self.counts),
+                               *(p(a) for a in self.extremes), p(self.hist), p(self.contexts), 0, *heaps,
+                               None, None, int(scatter))

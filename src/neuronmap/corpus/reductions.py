@@ -43,6 +43,11 @@ def order_key(values: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
     return (monotone << 32) | (0xFFFFFFFF - contexts.long())
 
 
+def _best_first(keys: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, order = torch.sort(keys, dim=0, descending=True)
+    return keys, positions.gather(0, order)
+
+
 def key_values(keys: torch.Tensor) -> torch.Tensor:
     monotone = (keys >> 32).int()
     bits = torch.where(monotone < 0, monotone ^ 0x7FFFFFFF, monotone)
@@ -108,17 +113,17 @@ class SiteRecords:
             return
         self._add_native(x.detach().to("cpu", torch.float32).contiguous(), lengths, contexts, row_labels)
 
-    def extremes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """kind -> (keys, positions) [kept, width] on the CPU, best first."""
+    def extremes(self, ordered: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (keys, positions) [kept, width] on the CPU: best first, or `ordered=False` in
+        the heaps' order (the same rows)."""
         if self.kernel is None:
-            return self._torch.extremes()
+            return self._torch.extremes(ordered)
         out = {}
         for kind, keys, positions, cap in (("top", self.top_keys, self.top_positions, self.top),
                                            ("bottom", self.bottom_keys, self.bottom_positions, self.bottom)):
             kept = min(self.rows, cap)
-            keys, positions = keys[:, :kept].T, positions[:, :kept].T
-            keys, order = torch.sort(keys, dim=0, descending=True)
-            out[kind] = (keys, positions.gather(0, order))
+            out[kind] = _best_first(keys[:, :kept].T, positions[:, :kept].T) if ordered else \
+                (keys[:, :kept].T, positions[:, :kept].T)
         return out
 
     def _add_labels(self, lengths: torch.Tensor, row_labels: torch.Tensor, row_sums: torch.Tensor,
@@ -146,7 +151,8 @@ class SiteRecords:
             per_row = (None, None)
         refused = self.kernel.records_reduce(x.data_ptr(), rows, T, n, lengths.data_ptr(), self.count,
                                              ctypes.c_float(self.threshold), *(t.data_ptr() for t in state),
-                                             contexts.data_ptr(), self.rows, *heaps, *per_row)
+                                             contexts.data_ptr(), self.rows, *heaps, *per_row,
+                                             native.scatter_histogram(self.kernel))
         if refused:
             # Part of this batch is already in the records: going on would count it twice.
             raise NeuronmapError("out of host memory while adding a batch to the corpus records: lower "
@@ -383,14 +389,9 @@ class LayerRecords:
         keys, positions = getattr(self.stack, f"{kind}_keys"), getattr(self.stack, f"{kind}_positions")
         return keys[self.index, :kept].cpu(), positions[self.index, :kept].cpu()
 
-    def extremes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """kind -> (keys, positions) [kept, width] on the CPU, best first."""
-        out = {}
-        for kind in ("top", "bottom"):
-            keys, positions = self._kept(kind)
-            keys, order = torch.sort(keys, dim=0, descending=True)
-            out[kind] = (keys, positions.gather(0, order))
-        return out
+    def extremes(self, ordered: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (keys, positions) [kept, width] on the CPU, best first unless `ordered=False`."""
+        return {kind: _best_first(*self._kept(kind)) if ordered else self._kept(kind) for kind in ("top", "bottom")}
 
     def state(self) -> dict[str, torch.Tensor | int]:
         state = {"count": self.count, "rows": self.rows}

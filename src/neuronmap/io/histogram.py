@@ -101,6 +101,40 @@ def to_lists(counts: np.ndarray):
             pa.ListArray.from_arrays(offsets, pa.array(counts.ravel()[flat].astype(np.int64, copy=False))))
 
 
+def to_runs(counts: np.ndarray):
+    """Dense [units, BINS] counts as each unit's first non-empty bin (int16) and an Arrow list of
+    the int32 counts from there to its last non-empty bin (tables.RECORDS_PARTIAL's hist_first and
+    hist_run; a unit with no values: 0 and an empty run). Counts must fit int32 (a shard's do)."""
+    import pyarrow as pa
+    counts = np.ascontiguousarray(counts)
+    filled = counts != 0
+    seen = filled.any(axis=1)
+    first = np.where(seen, filled.argmax(axis=1), 0)
+    last = np.where(seen, counts.shape[1] - 1 - filled[:, ::-1].argmax(axis=1), -1)
+    offsets = np.zeros(counts.shape[0] + 1, np.int32)
+    np.cumsum(last - first + 1, out=offsets[1:])
+    column = np.arange(counts.shape[1])
+    inside = (column >= first[:, None]) & (column <= last[:, None])
+    return (first.astype(np.int16),
+            pa.ListArray.from_arrays(offsets, pa.array(counts[inside].astype(np.int32, copy=False))))
+
+
+def from_runs(first, runs) -> np.ndarray:
+    """The dense [units, BINS] int64 counts of a hist_first and a hist_run column (Arrow or polars)."""
+    import pyarrow as pa
+    first = np.asarray(first.to_numpy() if hasattr(first, "to_numpy") else first, np.int64)
+    runs = pa.array(runs.to_arrow() if hasattr(runs, "to_arrow") else runs)
+    if isinstance(runs, pa.ChunkedArray):
+        runs = runs.combine_chunks()
+    offsets = np.asarray(runs.offsets, np.int64)
+    lengths = np.diff(offsets)
+    unit = np.repeat(np.arange(len(runs)), lengths)
+    column = first[unit] + np.arange(offsets[-1] - offsets[0]) - (offsets[unit] - offsets[0])
+    out = np.zeros((len(runs), BINS), np.int64)
+    out[unit, column] = np.asarray(runs.flatten(), np.int64)
+    return out
+
+
 def from_lists(bins, counts) -> np.ndarray:
     """The dense [units, BINS] int64 counts of two Arrow (or polars) list columns."""
     import pyarrow as pa

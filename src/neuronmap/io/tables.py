@@ -361,7 +361,21 @@ CONTEXTS = pa.schema([
 _UNIT_KEY = [("site", pa.string()), ("layer", pa.int32()), ("unit", pa.int32())]
 _HISTOGRAM = [("hist_bins", pa.list_(pa.int16())), ("hist_counts", pa.list_(pa.int64()))]
 
-RECORDS_PARTIAL = pa.schema([
+
+def _required(fields) -> pa.Schema:
+    """Columns (and list items) that never hold a null, written as Parquet's `required`: without
+    definition levels, which took a third of the time to write a records job's 9.3 M extreme rows."""
+    def field(name, kind):
+        if pa.types.is_list(kind):
+            kind = pa.list_(pa.field("element", kind.value_type, nullable=False))
+        return pa.field(name, kind, nullable=False)
+    return pa.schema([field(name, kind) for name, kind in fields])
+
+
+# A records job's histograms as runs: the counts of every bin from a unit's first non-empty bin to
+# its last (empty bins between included, 7% of them on the default model), so one list per unit,
+# not two. int32: a shard holds at most 2^31 - 1 tokens (corpus/engine.py).
+RECORDS_PARTIAL = _required([
     *_UNIT_KEY,
     ("count", pa.int64()),
     ("mean", pa.float64()),
@@ -372,10 +386,11 @@ RECORDS_PARTIAL = pa.schema([
     ("max", pa.float32()),
     ("n_positive", pa.int64()),
     ("n_active", pa.int64()),
-    *_HISTOGRAM,
+    ("hist_first", pa.int16()),
+    ("hist_run", pa.list_(pa.int32())),
 ])
 
-EXTREMES_PARTIAL = pa.schema([
+EXTREMES_PARTIAL = _required([
     *_UNIT_KEY,
     ("kind", pa.string()),
     ("value", pa.float32()),
