@@ -60,26 +60,26 @@ class _SyntheticBatch:
     """Activations shaped like a model's (units of unlike scales, signs a coin toss) and the
     running records they go into: what the kernel's two ways of counting are timed on."""
 
-    def __init__(self, rows: int = 8, tokens: int = 64, units: int = 512, cap: int = 16):
+    def __init__(self, rows: int = 8, tokens: int = 64, width: int = 512, cap: int = 16):
         rng = np.random.default_rng(0)
-        scale = np.exp(rng.normal(-1.0, 1.0, units)).astype(np.float32)
-        self.x = (rng.standard_normal((rows, tokens, units), dtype=np.float32) * scale)
-        self.shape, self.cap = (rows, tokens, units), cap
+        scale = np.exp(rng.normal(-1.0, 1.0, width)).astype(np.float32)
+        self.x = rng.standard_normal((rows, tokens, width), dtype=np.float32) * scale
+        self.shape, self.cap = (rows, tokens, width), cap
         self.lengths = np.full(rows, tokens, np.int64)
         self.contexts = np.arange(rows, dtype=np.int64)
-        self.doubles = [np.zeros(units) for _ in range(4)]
-        self.counts = [np.zeros(units, np.int64) for _ in range(2)]
-        self.extremes = [np.full(units, np.inf, np.float32), np.full(units, -np.inf, np.float32)]
-        self.hist = np.zeros((units, BINS), np.int32)
-        self.heaps = [(np.zeros((units, cap), np.int64), np.zeros((units, cap), np.int32), np.zeros(units, np.int64))
+        self.doubles = [np.zeros(width) for _ in range(4)]
+        self.counts = [np.zeros(width, np.int64) for _ in range(2)]
+        self.extremes = [np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32)]
+        self.hist = np.zeros((width, BINS), np.int32)
+        self.heaps = [(np.zeros((width, cap), np.int64), np.zeros((width, cap), np.int32), np.zeros(width, np.int64))
                       for _ in range(2)]
 
     def reduce(self, library: ctypes.CDLL, scatter: bool) -> None:
         def p(array):
             return array.ctypes.data
-        rows, tokens, units = self.shape
+        rows, tokens, width = self.shape
         heaps = [value for keys, positions, roots in self.heaps for value in (p(keys), p(positions), p(roots), self.cap)]
-        library.records_reduce(p(self.x), rows, tokens, units, p(self.lengths), 0, ctypes.c_float(0.05),
+        library.records_reduce(p(self.x), rows, tokens, width, p(self.lengths), 0, ctypes.c_float(0.05),
                                *(p(a) for a in self.doubles), *(p(a) for a in self.counts),
                                *(p(a) for a in self.extremes), p(self.hist), p(self.contexts), 0, *heaps,
                                None, None, int(scatter))
