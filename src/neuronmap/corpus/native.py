@@ -38,7 +38,7 @@ def load() -> ctypes.CDLL | None:
 def scatter_histogram(library: ctypes.CDLL) -> bool:
     """Whether this CPU counts the histograms faster with AVX-512's gather and scatter than with
     scalar increments: it depends on the chip (records_kernel.c), so both are timed once per
-    process on a synthetic batch (about 20 ms) and the faster is used. The counts are the same."""
+    process on a synthetic batch (about 35 ms on 2 cores) and the faster is used. The counts are the same."""
     if not library.records_can_scatter():
         return False
     seconds = {mode: [] for mode in (True, False)}

@@ -122,8 +122,8 @@ class SiteRecords:
         for kind, keys, positions, cap in (("top", self.top_keys, self.top_positions, self.top),
                                            ("bottom", self.bottom_keys, self.bottom_positions, self.bottom)):
             kept = min(self.rows, cap)
-            out[kind] = _best_first(keys[:, :kept].T, positions[:, :kept].T) if ordered else \
-                (keys[:, :kept].T, positions[:, :kept].T)
+            keys, positions = keys[:, :kept].T, positions[:, :kept].T
+            out[kind] = _best_first(keys, positions) if ordered else (keys, positions)
         return out
 
     def _add_labels(self, lengths: torch.Tensor, row_labels: torch.Tensor, row_sums: torch.Tensor,

@@ -108,9 +108,8 @@ def to_runs(counts: np.ndarray):
     import pyarrow as pa
     counts = np.ascontiguousarray(counts)
     filled = counts != 0
-    seen = filled.any(axis=1)
-    first = np.where(seen, filled.argmax(axis=1), 0)
-    last = np.where(seen, counts.shape[1] - 1 - filled[:, ::-1].argmax(axis=1), -1)
+    first = filled.argmax(axis=1)  # 0 for a unit without values
+    last = np.where(filled.any(axis=1), counts.shape[1] - 1 - filled[:, ::-1].argmax(axis=1), -1)
     offsets = np.zeros(counts.shape[0] + 1, np.int32)
     np.cumsum(last - first + 1, out=offsets[1:])
     column = np.arange(counts.shape[1])
@@ -121,11 +120,8 @@ def to_runs(counts: np.ndarray):
 
 def from_runs(first, runs) -> np.ndarray:
     """The dense [units, BINS] int64 counts of a hist_first and a hist_run column (Arrow or polars)."""
-    import pyarrow as pa
     first = np.asarray(first.to_numpy() if hasattr(first, "to_numpy") else first, np.int64)
-    runs = pa.array(runs.to_arrow() if hasattr(runs, "to_arrow") else runs)
-    if isinstance(runs, pa.ChunkedArray):
-        runs = runs.combine_chunks()
+    runs = _list_array(runs)
     offsets = np.asarray(runs.offsets, np.int64)
     lengths = np.diff(offsets)
     unit = np.repeat(np.arange(len(runs)), lengths)
@@ -137,13 +133,17 @@ def from_runs(first, runs) -> np.ndarray:
 
 def from_lists(bins, counts) -> np.ndarray:
     """The dense [units, BINS] int64 counts of two Arrow (or polars) list columns."""
-    import pyarrow as pa
-    bins, counts = (pa.array(c.to_arrow() if hasattr(c, "to_arrow") else c) for c in (bins, counts))
-    if isinstance(bins, pa.ChunkedArray):
-        bins, counts = bins.combine_chunks(), counts.combine_chunks()
+    bins, counts = _list_array(bins), _list_array(counts)
     lengths = np.diff(np.asarray(bins.offsets))
     unit = np.repeat(np.arange(len(bins)), lengths)
     # Each (unit, bin) appears once per list, so a plain assignment places every count.
     out = np.zeros((len(bins), BINS), np.int64)
     out[unit, np.asarray(bins.flatten(), np.int64)] = np.asarray(counts.flatten(), np.int64)
     return out
+
+
+def _list_array(column):
+    """An Arrow or polars list column as one Arrow ListArray."""
+    import pyarrow as pa
+    array = pa.array(column.to_arrow() if hasattr(column, "to_arrow") else column)
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
