@@ -12,6 +12,7 @@ import time
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 import torch
@@ -476,3 +477,25 @@ def test_histogram_runs_hold_the_dense_counts():
     assert len(runs[3]) == BINS and runs[3].as_py()[1:-1] == [0] * (BINS - 2)
     assert np.array_equal(from_runs(first, runs), counts)
     assert np.array_equal(from_runs(first[5:], runs[5:]), counts[5:])
+
+
+def test_partial_files_keep_their_dictionaries_and_delta_integers(smollm2, contexts, tmp_path):
+    """A job's partial files as the merge reads them fastest: every part of a row group hands the
+    writer the same dictionary (were it to change from one site or kind to the next, the writer
+    would fall back to a plain string per row), and integers are delta-encoded."""
+    model, tokenizer = smollm2
+    outputs = RecordsOutputs(tmp_path / "u.parquet", tmp_path / "e.parquet", tmp_path / "c.ckpt")
+    RecordsPass(model, contexts.head(4), RecordsSettings.defaults(batch_size=4), CONTEXT_TOKENS,
+                tokenizer.pad_token_id).run(outputs)
+    for path, strings in ((outputs.units, ("site",)), (outputs.extremes, ("site", "kind"))):
+        metadata = pq.ParquetFile(path).metadata
+        for group in range(metadata.num_row_groups):
+            columns = {metadata.row_group(group).column(i).path_in_schema: metadata.row_group(group).column(i)
+                       for i in range(metadata.num_columns)}
+            rows = metadata.row_group(group).num_rows
+            for name in strings:  # run-length indices only: a few bytes, not one string per row
+                assert columns[name].total_uncompressed_size < 200 < rows, (path.name, name)
+            for name in ("layer", "unit"):
+                assert "DELTA_BINARY_PACKED" in columns[name].encodings, (path.name, name)
+    assert pl.read_parquet(outputs.extremes)["kind"].unique().sort().to_list() == ["bottom", "top"]
+    assert pl.read_parquet(outputs.units)["site"].unique().sort().to_list() == sorted(RecordsSettings.defaults().sites)

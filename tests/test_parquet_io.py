@@ -81,3 +81,18 @@ def test_a_failing_part_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_row_groups(parts(), tmp_path / "x.parquet", CONTRACT)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_delta_integers_read_back_the_same(tmp_path):
+    contract = pa.schema([("site", pa.string()), ("unit", pa.int32()), ("counts", pa.list_(pa.int32())),
+                          ("value", pa.float32())])
+    part = pa.table({"site": dictionary(["gate"], [0] * 4), "unit": [0, 1, 2, 3], "counts": [[1, 2], [], [5], [0, 7]],
+                     "value": [0.5, 1.5, 2.5, 3.5]})
+    write_row_groups(iter([part, part]), tmp_path / "d.parquet", contract, delta_integers=True)
+    columns = pq.ParquetFile(tmp_path / "d.parquet").metadata.row_group(0)
+    encodings = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(columns.num_columns)}
+    assert "DELTA_BINARY_PACKED" in encodings["unit"] and "DELTA_BINARY_PACKED" in encodings["counts.list.element"]
+    assert "RLE_DICTIONARY" in encodings["site"] and "RLE_DICTIONARY" not in encodings["unit"]
+    read = read_table(tmp_path / "d.parquet")
+    assert read["unit"].to_list() == [0, 1, 2, 3] * 2 and read["counts"].to_list() == [[1, 2], [], [5], [0, 7]] * 2
+    assert read["site"].to_list() == ["gate"] * 8

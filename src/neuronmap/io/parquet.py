@@ -51,10 +51,19 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     values rarely repeat, and by default the writer builds a dictionary for it anyway before
     falling back: on the corpus records' 9.3 M extreme rows (2 cores) that took the write from
     1.3-1.8 s to 2.7 s and made the file 72 MB instead of 55."""
+    return leaf_columns(schema, lambda kind: not pa.types.is_floating(kind))
+
+
+def integer_columns(schema: pa.Schema) -> list[str]:
+    return leaf_columns(schema, pa.types.is_integer)
+
+
+def leaf_columns(schema: pa.Schema, wanted) -> list[str]:
+    """The Parquet paths of the columns whose values' type is `wanted`, list items included."""
     def leaves(name: str, kind: pa.DataType) -> list[str]:
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
             return leaves(f"{name}.list.element", kind.value_type)
-        return [] if pa.types.is_floating(kind) else [name]
+        return [name] if wanted(kind) else []
     return [path for field in schema for path in leaves(field.name, field.type)]
 
 
@@ -82,13 +91,22 @@ def has_dictionaries(schema: pa.Schema) -> bool:
     return any(pa.types.is_dictionary(field.type) for field in schema)
 
 
-def writer_options(schema: pa.Schema) -> dict:
+def writer_options(schema: pa.Schema, delta_integers: bool = False) -> dict:
     """How a table of this (storage) schema is written. With dictionary columns: without Arrow's
     own schema, so that readers get the contract's plain strings back (the Parquet column is a
     string column; only the stored Arrow schema would make it a dictionary), and without min/max
     statistics of those columns, which nothing filters on and which took 50 ms of a 130 ms write
-    of 1.55 M top activations."""
-    options = {"use_dictionary": dictionary_columns(schema)}
+    of 1.55 M top activations.
+
+    `delta_integers`: integer columns delta-encoded instead of through a dictionary, for files
+    of millions of rows written once and read once (the corpus records' partial files). A
+    dictionary hashes every value on the way in and decodes through it on the way out; a delta
+    encoding only subtracts. Measured on a records job's 9.3 M extreme rows (2 cores): write 0.52
+    -> 0.45 s, read 0.80 -> 0.17 s, about the same size; its units file 0.37 -> 0.27 s, 36 -> 31 MB."""
+    deltas = integer_columns(schema) if delta_integers else []
+    options = {"use_dictionary": [name for name in dictionary_columns(schema) if name not in deltas]}
+    if deltas:
+        options["column_encoding"] = dict.fromkeys(deltas, "DELTA_BINARY_PACKED")
     if has_dictionaries(schema):
         options.update(store_schema=False,
                        write_statistics=[f.name for f in schema if not pa.types.is_dictionary(f.type)])
@@ -164,10 +182,10 @@ def prefetched(parts: Iterable, depth: int = 1) -> Iterator:
                 queue_.get(timeout=0.1)
 
 
-def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> None:
+def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema, delta_integers: bool = False) -> None:
     """Write tables (an iterable: one is built at a time, the next while one is written) as one
     row group each, atomically: a reader takes one group (one layer, say) without reading the
-    others (`read_row_group`)."""
+    others (`read_row_group`). `delta_integers`: see `writer_options`."""
     with atomic_path(target) as tmp:
         writer = None
         try:
@@ -176,10 +194,10 @@ def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema) -> Non
                     part = part.to_arrow()
                 if writer is None:  # the first part decides which string columns come as dictionaries
                     stored = storage_schema(part.schema, schema)
-                    writer = pq.ParquetWriter(tmp, stored, **writer_options(stored))
+                    writer = pq.ParquetWriter(tmp, stored, **writer_options(stored, delta_integers))
                 writer.write_table(part.select(schema.names).cast(stored), row_group_size=max(part.num_rows, 1))
             if writer is None:
-                writer = pq.ParquetWriter(tmp, schema, **writer_options(schema))
+                writer = pq.ParquetWriter(tmp, schema, **writer_options(schema, delta_integers))
         finally:
             if writer is not None:
                 writer.close()
