@@ -225,6 +225,22 @@ def test_shards_give_identical_records(smollm2, contexts, tmp_path):
                                   peak_token_contexts=6, sites=("gate", "act"))
                for shards in (1, 5)}
     assert_same_records(records[1], records[5])
+    assert_compact(tmp_path / "s1-0.units.parquet", ("site",))
+    assert_compact(tmp_path / "s1-0.ext.parquet", ("site", "kind"))
+
+
+def assert_compact(path, strings):
+    """A job's partial file as the merge reads it fastest: every part of a row group handed the
+    writer the same dictionary (were it to change from one site or kind to the next, the writer
+    would fall back to a plain string per row), and its integers delta-encoded."""
+    metadata = pq.ParquetFile(path).metadata
+    for group in range(metadata.num_row_groups):
+        chunks = metadata.row_group(group)
+        columns = {chunks.column(i).path_in_schema: chunks.column(i) for i in range(chunks.num_columns)}
+        for name in strings:  # run-length indices only: a few bytes, not one string per row
+            assert columns[name].total_uncompressed_size < 200 < chunks.num_rows, (path.name, name)
+        for name in ("layer", "unit"):
+            assert "DELTA_BINARY_PACKED" in columns[name].encodings, (path.name, name)
 
 
 def assert_same_records(a, b):
@@ -478,24 +494,3 @@ def test_histogram_runs_hold_the_dense_counts():
     assert np.array_equal(from_runs(first, runs), counts)
     assert np.array_equal(from_runs(first[5:], runs[5:]), counts[5:])
 
-
-def test_partial_files_keep_their_dictionaries_and_delta_integers(smollm2, contexts, tmp_path):
-    """A job's partial files as the merge reads them fastest: every part of a row group hands the
-    writer the same dictionary (were it to change from one site or kind to the next, the writer
-    would fall back to a plain string per row), and integers are delta-encoded."""
-    model, tokenizer = smollm2
-    outputs = RecordsOutputs(tmp_path / "u.parquet", tmp_path / "e.parquet", tmp_path / "c.ckpt")
-    RecordsPass(model, contexts.head(4), RecordsSettings.defaults(batch_size=4), CONTEXT_TOKENS,
-                tokenizer.pad_token_id).run(outputs)
-    for path, strings in ((outputs.units, ("site",)), (outputs.extremes, ("site", "kind"))):
-        metadata = pq.ParquetFile(path).metadata
-        for group in range(metadata.num_row_groups):
-            columns = {metadata.row_group(group).column(i).path_in_schema: metadata.row_group(group).column(i)
-                       for i in range(metadata.num_columns)}
-            rows = metadata.row_group(group).num_rows
-            for name in strings:  # run-length indices only: a few bytes, not one string per row
-                assert columns[name].total_uncompressed_size < 200 < rows, (path.name, name)
-            for name in ("layer", "unit"):
-                assert "DELTA_BINARY_PACKED" in columns[name].encodings, (path.name, name)
-    assert pl.read_parquet(outputs.extremes)["kind"].unique().sort().to_list() == ["bottom", "top"]
-    assert pl.read_parquet(outputs.units)["site"].unique().sort().to_list() == sorted(RecordsSettings.defaults().sites)
