@@ -493,4 +493,3 @@ def test_histogram_runs_hold_the_dense_counts():
     assert len(runs[3]) == BINS and runs[3].as_py()[1:-1] == [0] * (BINS - 2)
     assert np.array_equal(from_runs(first, runs), counts)
     assert np.array_equal(from_runs(first[5:], runs[5:]), counts[5:])
-

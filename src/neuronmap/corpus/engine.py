@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +42,6 @@ from .reductions import Batch, SiteRecords, TorchRecords, key_contexts, key_valu
 from .settings import RecordsSettings
 
 log = logging.getLogger(__name__)
-
-KINDS = ("top", "bottom")  # a unit's kept contexts: SiteRecords.extremes()
 
 # A shard's histogram counts are int32 on the CPU; the merge adds them as int64.
 MAX_SHARD_TOKENS = 2 ** 31 - 1
@@ -313,7 +310,7 @@ class RecordsPass:
                 r = self.records[(site, layer)]
                 first, run = to_runs(r.hist.cpu().numpy())
                 parts.append(pa.table({
-                    "site": _repeated(site, r.width, self.settings.sites), "layer": np.full(r.width, layer, np.int32),
+                    "site": _repeated(site, r.width), "layer": np.full(r.width, layer, np.int32),
                     "unit": np.arange(r.width, dtype=np.int32), "count": np.full(r.width, r.count, np.int64),
                     "mean": r.mean.cpu().numpy(), "m2": r.m2.cpu().numpy(), "m3": r.m3.cpu().numpy(),
                     "m4": r.m4.cpu().numpy(), "min": r.minimum.cpu().numpy(), "max": r.maximum.cpu().numpy(),
@@ -332,8 +329,8 @@ class RecordsPass:
                 r = self.records[(site, layer)]
                 for index, label in enumerate(self.labels):
                     parts.append(_stored(pa.table({
-                        "site": _repeated(site, r.width, self.settings.sites), "layer": np.full(r.width, layer, np.int32),
-                        "unit": np.arange(r.width, dtype=np.int32), "label": _repeated(label, r.width, self.labels),
+                        "site": _repeated(site, r.width), "layer": np.full(r.width, layer, np.int32),
+                        "unit": np.arange(r.width, dtype=np.int32), "label": _repeated(label, r.width),
                         "tokens": np.full(r.width, tokens.get(label, 0), np.int64),
                         "contexts": np.full(r.width, contexts.get(label, 0), np.int64),
                         "sum": r.label_sum[index].cpu().numpy(), "n_positive": r.label_positive[index].cpu().numpy()}),
@@ -350,8 +347,8 @@ class RecordsPass:
                     sign = 1.0 if kind == "top" else -1.0
                     rows = keys.numel()
                     parts.append(_stored(pa.table({
-                        "site": _repeated(site, rows, self.settings.sites), "layer": np.full(rows, layer, np.int32),
-                        "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": _repeated(kind, rows, KINDS),
+                        "site": _repeated(site, rows), "layer": np.full(rows, layer, np.int32),
+                        "unit": np.tile(np.arange(width, dtype=np.int32), kept), "kind": _repeated(kind, rows),
                         "value": (sign * key_values(keys)).numpy().ravel(),
                         "context_id": key_contexts(keys).numpy().ravel(), "position": positions.numpy().ravel()}),
                         tables.EXTREMES_PARTIAL))
@@ -371,11 +368,7 @@ def _stored(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(storage_schema(table.schema, schema))
 
 
-def _repeated(text: str, rows: int, values: Sequence[str]) -> pa.Array:
-    """A string column of one value, `text`, as indices into all of the column's `values` (a
-    Python list of millions costs seconds, and so does a string per row; io/parquet.py writes
-    the dictionary as it is). The dictionary is the same in every part of a row group: where it
-    changes from one part to the next, the writer falls back to plain strings for the rest of
-    the column (a records job's extremes: 0.1 s more per job, 2 MB per layer)."""
-    values = list(values)
-    return dictionary_strings(np.full(rows, values.index(text), np.int8 if len(values) < 128 else np.int32), values)
+def _repeated(text: str, rows: int) -> pa.Array:
+    """A string column of one value, as a dictionary (a Python list of millions costs seconds,
+    and so does a string per row; io/parquet.py writes the dictionary as it is)."""
+    return dictionary_strings(np.zeros(rows, np.int8), [text])

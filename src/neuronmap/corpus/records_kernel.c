@@ -10,15 +10,17 @@
    and their first positions, the tokens > 0 and with |x| > threshold, the sums of the first four
    powers of each value's deviation from a shift. The row's peak and trough are put aside; at the
    end of the batch its central moments are merged into the running ones with Pebay's pairwise
-   formulas, and each unit's rows are offered to its kept contexts, in row order (the same offers
-   as row by row, but a unit's heaps stay in L1 while its whole batch goes in: on machine C that
-   and a branch-free sift took the kernel from 1.32-1.39 to 1.17-1.21 ns per value, 2 threads). Measured on the default model (one thread, real activations, ns
-   per value): separate passes per quantity and per-row merges 4.1, this layout 2.6, with the
-   histogram's gather and scatter 1.9 (machine A). How the histograms are counted is the one choice
-   that goes either way with the CPU: on machine C (AMD EPYC, AVX-512) the same gather and scatter
-   took 2.1 ns per value and sixteen scalar increments 1.65, the rest of the pass 0.8. So an AVX-512
-   build has both, and native.py times them once per process and passes the faster (the counts are
-   the same integers either way). */
+   formulas, and each unit's rows are offered to its kept contexts in row order (the same offers
+   as row by row, but a unit's heaps stay in L1 while its whole batch goes in). Measured on the
+   default model (one thread, real activations, ns per value): separate passes per quantity and
+   per-row merges 4.1, this layout 2.6, with the histogram's gather and scatter 1.9 (machine A).
+   How the histograms are counted is the one choice that goes either way with the CPU: on machine
+   C (AMD EPYC, AVX-512) the same gather and scatter took 2.1 ns per value and sixteen scalar
+   increments 1.65, the rest of the pass 0.8. So an AVX-512 build has both, and native.py times
+   them once per process and passes the faster (the counts are the same integers either way).
+   Offering a unit's rows at the batch's end, a branch-free sift and an unrolled count for full
+   blocks then took the kernel from 1.32-1.39 to 1.17-1.21 ns per value (machine C, 2 threads,
+   the corpus's context lengths). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

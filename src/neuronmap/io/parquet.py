@@ -87,6 +87,15 @@ def dictionary_strings(indices, values) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(values, pa.string()))
 
 
+def one_dictionary_per_column(table: pa.Table) -> pa.Table:
+    """`table` with each dictionary column's chunks sharing one dictionary. Where the dictionary
+    changes from one chunk to the next (parts built one site at a time, each with its own), the
+    writer falls back to a plain string per row for the rest of the column chunk: on a records
+    job's extremes, 1.5-1.8 MB of `site` and `kind` strings per layer instead of 600 bytes of
+    indices, and 0.1 s more per job. Unifying costs about 0.3 ms per half a million rows."""
+    return table.unify_dictionaries() if has_dictionaries(table.schema) else table
+
+
 def has_dictionaries(schema: pa.Schema) -> bool:
     return any(pa.types.is_dictionary(field.type) for field in schema)
 
@@ -120,6 +129,7 @@ def write_table(table: pa.Table | pl.DataFrame, target: str | os.PathLike, schem
         table = table.to_arrow()
     if schema is not None:
         table = table.select(schema.names).cast(storage_schema(table.schema, schema))
+    table = one_dictionary_per_column(table)
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, **{**writer_options(table.schema), **kwargs})
 
@@ -195,7 +205,8 @@ def write_row_groups(parts, target: str | os.PathLike, schema: pa.Schema, delta_
                 if writer is None:  # the first part decides which string columns come as dictionaries
                     stored = storage_schema(part.schema, schema)
                     writer = pq.ParquetWriter(tmp, stored, **writer_options(stored, delta_integers))
-                writer.write_table(part.select(schema.names).cast(stored), row_group_size=max(part.num_rows, 1))
+                part = one_dictionary_per_column(part.select(schema.names).cast(stored))
+                writer.write_table(part, row_group_size=max(part.num_rows, 1))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, schema, **writer_options(schema, delta_integers))
         finally:
